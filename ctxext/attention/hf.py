@@ -1,0 +1,129 @@
+"""transformers integration: ``attn_implementation="tensorized"``.
+
+``register()`` (run by ``import ctxext``) adds two functions to transformers' interfaces:
+
+* ``AttentionInterface["tensorized"]``: called by every attention layer of models that go
+  through the interface, with q ``(B, Hq, N, D)``, k/v ``(B, Hkv, N, D)``; returns
+  ``(B, N, Hq, D)`` like the sdpa integration. Settings come from
+  ``module.config.tensorized_attention``. Layers the model runs with a sliding window keep
+  exact sliding-window attention; ``softcap`` is applied to the scores.
+* ``AttentionMaskInterface["tensorized"]``: returns the O(N) padding mask ``(B, kv_len)``
+  (or None when there is no padding) instead of a ``(B, 1, N, N)`` mask. Without it,
+  transformers would drop padding masks for an unknown implementation.
+
+No model forward method is patched.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+from .exact import exact_causal_attention
+from .ops import tensorized_attention_with_options
+from .options import TensorizedOptions
+from .rope import inv_freq_from_config
+
+ATTN_IMPLEMENTATION = "tensorized"
+CONFIG_KEY = "tensorized_attention"
+
+_options_cache: dict[tuple, TensorizedOptions] = {}
+_inv_freq_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def options_from_config(config) -> TensorizedOptions:
+    """The validated TA settings stored in a model config (defaults when absent)."""
+    raw = getattr(config, CONFIG_KEY, None) or {}
+    if not isinstance(raw, dict):
+        raw = dict(raw)
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
+    if key not in _options_cache:
+        _options_cache[key] = TensorizedOptions.from_dict(raw, where=f"config.{CONFIG_KEY}")
+    return _options_cache[key]
+
+
+def _inv_freq(config, device: torch.device) -> torch.Tensor:
+    per_device = _inv_freq_cache.setdefault(config, {})
+    if device not in per_device:
+        per_device[device] = inv_freq_from_config(config).to(device)
+    return per_device[device]
+
+
+def tensorized_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """O(N) mask for tensorized attention: the 2D padding mask ``(B, kv_length)`` or None."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask.shape[-1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def tensorized_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry point. Returns ``((B, N, Hq, D), None)``."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"tensorized attention takes an O(N) padding mask of shape (batch, kv_len), got a "
+            f"{attention_mask.dim()}D mask of shape {tuple(attention_mask.shape)}. Pass a 2D attention_mask "
+            "(1 for tokens, 0 for padding) to the model; custom 4D masks are not supported."
+        )
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"tensorized attention is causal only; {type(module).__name__} is not a causal layer")
+    if dropout and module.training:
+        warnings.warn("ctxext: attention dropout is ignored by tensorized attention", stacklevel=2)
+    if sliding_window is not None:
+        # Layers that the model runs with a sliding window keep their exact window.
+        out = exact_causal_attention(
+            query, key, value, window=sliding_window, padding_mask=attention_mask, scaling=scaling, softcap=softcap
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    config = module.config
+    opts = options_from_config(config)
+    inv_freq = _inv_freq(config, query.device) if opts.rope == "axis" else None
+    if position_ids is not None and position_ids.dim() == 3:
+        raise ValueError("tensorized attention does not support multi-dimensional (mrope) position ids")
+    out = tensorized_attention_with_options(
+        query,
+        key,
+        value,
+        opts,
+        position_ids=position_ids,
+        padding_mask=attention_mask,
+        scaling=scaling,
+        softcap=softcap,
+        rope_inv_freq=inv_freq,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"tensorized"`` with transformers' attention and mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, tensorized_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tensorized_mask)

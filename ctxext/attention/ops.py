@@ -1,0 +1,172 @@
+"""The public operator: ``tensorized_attention``, backend choice and input checks."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .layout import fold, plan_fold, unfold
+from .options import TensorizedOptions
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    try:
+        import ctxext._kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that will run: ``torch`` or ``reference`` today.
+
+    ``auto`` picks the fused Triton kernels on CUDA once they exist, else ``torch``;
+    falling back from a requested fast backend warns once, saying why.
+    """
+    if requested in ("torch", "reference"):
+        return requested
+    if device.type == "cuda":
+        if not _triton_available():
+            _warn_once(
+                "triton-missing",
+                "ctxext: the fused Triton kernels for tensorized attention are not available in this build "
+                "(ctxext._kernels is missing or triton is not installed); using the PyTorch backend, which is "
+                "correct but slower. Install triton and a ctxext build with kernels for the fast path.",
+            )
+        return "torch"
+    if requested == "triton":
+        _warn_once(
+            "triton-cpu",
+            f"ctxext: backend='triton' needs CUDA tensors, got {device.type}; using the PyTorch backend.",
+        )
+    return "torch"
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"tensorized_attention expects q (B, Hq, N, D), k and v (B, Hkv, N, D); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-2] != k.shape[-2]:
+        raise NotImplementedError(
+            f"tensorized attention got {q.shape[-2]} queries but {k.shape[-2]} keys: cached decoding (fewer "
+            "queries than keys) needs the tensorized decode cache, which ctxext does not provide yet. Run the "
+            "model without a KV cache (model(..., use_cache=False) or generate(..., use_cache=False))."
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k disagree on batch or head dim: {tuple(q.shape)} vs {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key-value heads ({k.shape[1]})")
+
+
+def tensorized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_sizes: Sequence[int] = (128,),
+    causal: str = "complete",
+    rope: str = "absolute",
+    sinks: int = 0,
+    local: str = "block",
+    merge: str = "score",
+    long_range: bool = True,
+    position_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal tensorized attention (DESIGN.md section 1).
+
+    Args:
+        q: ``(B, Hq, N, D)`` queries, RoPE already applied at ``position_ids``.
+        k, v: ``(B, Hkv, N, D)`` keys and values, ``Hq = g * Hkv`` (never repeated).
+        block_sizes: inner axis sizes ``[n_2, ..., n_m]``; the outer axis grows with N.
+        causal: ``"complete"`` or ``"dominance"``.
+        rope: ``"absolute"`` or ``"axis"`` (needs ``rope_inv_freq``).
+        sinks: leading tokens every query's local softmax sees exactly.
+        local: ``"block"`` or ``"window"`` (the local hop also covers the previous block).
+        merge: ``"score"`` or ``"lse"`` (outer-hop diagonal scored by the lower hop's mass).
+        long_range: False keeps only the local hop.
+        position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions; tokens are folded by them.
+            None means ``arange(N)``.
+        padding_mask: ``(B, N)``, 1/True for real tokens; padding tokens are masked keys
+            and get zero output. O(N): never a ``(B, N, N)`` mask.
+        scaling: score scale, default ``D ** -0.5``.
+        softcap: attention logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2), or None.
+        rope_inv_freq: ``(r/2,)`` RoPE inverse frequencies of the model (``rope="axis"``).
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
+
+    Returns:
+        ``(B, Hq, N, D)`` in q's dtype, like ``scaled_dot_product_attention``.
+    """
+    opts = TensorizedOptions(
+        block_sizes=tuple(block_sizes),
+        causal=causal,
+        rope=rope,
+        sinks=sinks,
+        local=local,
+        merge=merge,
+        long_range=long_range,
+        backend=backend,
+    ).validate()
+    return tensorized_attention_with_options(
+        q,
+        k,
+        v,
+        opts,
+        position_ids=position_ids,
+        padding_mask=padding_mask,
+        scaling=scaling,
+        softcap=softcap,
+        rope_inv_freq=rope_inv_freq,
+    )
+
+
+def tensorized_attention_with_options(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    opts: TensorizedOptions,
+    *,
+    position_ids: torch.Tensor | None = None,
+    padding_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`tensorized_attention` with already validated options (the transformers path)."""
+    check_shapes(q, k, v)
+    if opts.rope == "axis" and rope_inv_freq is None:
+        raise ValueError(
+            "rope='axis' needs the model's RoPE inverse frequencies: pass rope_inv_freq (shape (rotary_dim/2,)); "
+            "the transformers integration computes them from the model config."
+        )
+    plan = plan_fold(q.shape[0], q.shape[-2], position_ids, padding_mask, q.device)
+    qs, ks, vs = fold(q, plan), fold(k, plan), fold(v, plan)
+    backend = resolve_backend(opts.backend, q.device)
+    if backend == "reference":
+        from .reference import reference_tensorized_attention as run
+    else:
+        from .torch_backend import torch_tensorized_attention as run
+    out = run(qs, ks, vs, opts, valid=plan.valid, scaling=scaling, softcap=softcap, inv_freq=rope_inv_freq)
+    return unfold(out.to(q.dtype), plan)

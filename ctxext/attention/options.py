@@ -1,0 +1,113 @@
+"""Settings of tensorized attention (DESIGN.md section 1), validated once.
+
+The same settings live in a model's ``config.json`` under ``tensorized_attention``
+and are the keyword arguments of :func:`ctxext.tensorized_attention`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CAUSAL_MODES = ("complete", "dominance")
+ROPE_MODES = ("absolute", "axis")
+LOCAL_MODES = ("block", "window")
+MERGE_MODES = ("score", "lse")
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+class TensorizedConfigError(ValueError):
+    """Invalid tensorized-attention settings; the message lists every problem at once."""
+
+
+@dataclass(frozen=True)
+class TensorizedOptions:
+    """Operator settings.
+
+    block_sizes: inner axis sizes ``[n_2, ..., n_m]``; the outermost axis grows with N.
+    causal: ``complete`` (two value streams, reaches every earlier token) or ``dominance``.
+    rope: ``absolute`` keeps the model's rotation; ``axis`` re-rotates per axis.
+    sinks: number of leading tokens every query's local softmax sees exactly.
+    local: ``block`` (causal part of the own inner block) or ``window`` (plus the whole
+        previous inner block).
+    merge: ``score`` (the diagonal of an outer hop is scored by q.k) or ``lse`` (by the
+        log-sum-exp of what the lower hop summarised).
+    long_range: False keeps only the local hop (the window-only control).
+    backend: ``auto``, ``triton``, ``torch`` or ``reference``.
+    """
+
+    block_sizes: tuple[int, ...] = (128,)
+    causal: str = "complete"
+    rope: str = "absolute"
+    sinks: int = 0
+    local: str = "block"
+    merge: str = "score"
+    long_range: bool = True
+    backend: str = "auto"
+
+    @property
+    def inner_block(self) -> int:
+        """n_m, the size of the innermost (local) axis."""
+        return self.block_sizes[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["block_sizes"] = list(self.block_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, where: str = "tensorized_attention") -> TensorizedOptions:
+        """Build from a user dict, reporting every problem at once with the key as written."""
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        errors = []
+        for key in sorted(set(raw) - known):
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(sorted(known))})"
+            errors.append(f"{where}.{key}: unknown setting{suggestion}")
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if "block_sizes" in kwargs:
+            bs = kwargs["block_sizes"]
+            kwargs["block_sizes"] = tuple(bs) if isinstance(bs, (list, tuple)) else bs
+        opts = cls(**kwargs)
+        errors += opts.problems(where)
+        if errors:
+            raise TensorizedConfigError("invalid tensorized attention settings:\n  - " + "\n  - ".join(errors))
+        return opts
+
+    def problems(self, where: str = "tensorized_attention") -> list[str]:
+        """Every problem with these settings, as messages naming the key."""
+        errors = []
+        bs = self.block_sizes
+        if not isinstance(bs, tuple) or len(bs) == 0:
+            errors.append(
+                f"{where}.block_sizes: expected a non-empty list of positive integers such as [128], got {bs!r}"
+            )
+        else:
+            for size in bs:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                    errors.append(
+                        f"{where}.block_sizes: every size must be a positive integer, got {size!r} in {list(bs)!r}"
+                    )
+        for key, allowed in (
+            ("causal", CAUSAL_MODES),
+            ("rope", ROPE_MODES),
+            ("local", LOCAL_MODES),
+            ("merge", MERGE_MODES),
+            ("backend", BACKENDS),
+        ):
+            value = getattr(self, key)
+            if value not in allowed:
+                errors.append(f"{where}.{key}: unknown mode {value!r}; choose one of {', '.join(allowed)}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            errors.append(f"{where}.sinks: expected a non-negative integer, got {self.sinks!r}")
+        if not isinstance(self.long_range, bool):
+            errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")
+        return errors
+
+    def validate(self) -> TensorizedOptions:
+        errors = self.problems()
+        if errors:
+            raise TensorizedConfigError("invalid tensorized attention settings:\n  - " + "\n  - ".join(errors))
+        return self

@@ -1,0 +1,187 @@
+"""Tensorized attention in plain PyTorch, one query position at a time: the executable spec.
+
+Slow (a Python loop over positions and hops) and written for reading. Every fast path is
+tested against it. Input is already folded onto slots (see ``layout.py``).
+
+Semantics (DESIGN.md section 1, with the choices this implementation makes explicit):
+
+* The sequence of L slots has axes ``(n_1, ..., n_m)``, ``n_1 = ceil(L / prod(block_sizes))``.
+* **Local hop** (axis m, the inner block of ``n = n_m`` consecutive slots containing p):
+  - causal key set: slots of p's block that are ``<= p``; with ``local="window"`` also the
+    whole previous block; with ``sinks = s`` also every slot ``t < s`` that lies before the
+    start of that range (so a sink is never counted twice);
+  - full key set (``complete`` only): the whole block, plus the sinks before the block.
+  Values are v. Scores ``q_p . k_p' * scaling`` (soft-capped if ``softcap``).
+* **Outer hops** (axis ``j = m-1, ..., 1``), within the fiber of p along axis j:
+  - ``dominance``: keys with ``i_j' <= i_j``, values = previous hop output;
+  - ``complete`` full stream: all fiber keys, values = previous full stream;
+  - ``complete`` causal stream: keys with ``i_j' < i_j`` valued by the previous *full*
+    stream, plus the diagonal valued by the previous *causal* stream.
+  With ``merge="lse"`` the diagonal's score is the log-sum-exp of the scores the lower
+  hop's stream summarised (the mass of its summary) instead of ``q_p . k_p``.
+* ``long_range=False`` stops after the local hop.
+* ``rope="axis"``: in outer hop j, q and k are re-rotated from position p to coordinate
+  ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no re-rotation
+  (along a stride-1 axis the offset is already ``p - p'``) except for sinks outside the
+  local range: the query is moved to coordinate ``p - start`` (start of its key range),
+  the sink stays at ``t``.
+* Padding slots (``valid`` False) are masked keys; their outputs are zero. A query whose
+  key set is empty gets zero output and lse ``-inf``, never NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import full_axes, multi_index
+from .options import TensorizedOptions
+from .rope import rerotate
+from .softmax import masked_softmax
+
+
+def _combine(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax-weighted sum.
+
+    scores: ``(B, H, K)``; values: ``(B, H, K, D)``; mask: ``(B, K)`` (True = key present).
+    Returns ``(B, H, D)`` and the log-sum-exp ``(B, H)`` (``-inf`` and zeros when no key).
+    """
+    probs, lse = masked_softmax(scores, mask[:, None, :])
+    return torch.einsum("bhk,bhkd->bhd", probs, values), lse
+
+
+def reference_tensorized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    options: TensorizedOptions,
+    *,
+    valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    inv_freq: torch.Tensor | None = None,
+    return_full_stream: bool = False,
+):
+    """Tensorized attention on slots.
+
+    q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)`` with ``Hq = g * Hkv``;
+    valid: ``(B, L)`` bool, None when every slot holds a real token;
+    inv_freq: ``(r/2,)`` RoPE inverse frequencies, required for ``rope="axis"``.
+    Returns ``(B, Hq, L, D)`` (and the full stream after the last hop, ``complete`` only,
+    when ``return_full_stream``).
+    """
+    opts = options
+    batch, n_heads, length, dim = q.shape
+    group = n_heads // k.shape[1]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    k = k.repeat_interleave(group, dim=1)  # the reference may repeat k/v: (B, Hq, L, D)
+    v = v.repeat_interleave(group, dim=1)
+    scaling = dim**-0.5 if scaling is None else scaling
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    if opts.rope == "axis" and inv_freq is None:
+        raise ValueError("rope='axis' needs the model's RoPE inverse frequencies (inv_freq)")
+
+    axes = full_axes(length, opts.block_sizes)
+    idx = multi_index(length, axes).tolist()  # per slot: [i_1, ..., i_m]
+    strides = [math.prod(axes[j + 1 :]) for j in range(len(axes))]
+    n = axes[-1]
+    complete = opts.causal == "complete"
+
+    def score(qp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """qp: (B, H, D), keys: (B, H, K, D) -> (B, H, K)."""
+        s = torch.einsum("bhd,bhkd->bhk", qp, keys) * scaling
+        return softcap * torch.tanh(s / softcap) if softcap else s
+
+    def sink_scores(p: int, start: int, sinks: list[int]) -> torch.Tensor:
+        qp = q[:, :, p]
+        if opts.rope == "axis":  # query to coordinate p - start; sinks stay at t
+            qp = rerotate(qp[:, :, None], torch.tensor(-float(start)), inv_freq)[:, :, 0]
+        return score(qp, k[:, :, sinks])
+
+    def local_stream(p: int, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        start = keys[0]
+        sinks = [t for t in range(min(opts.sinks, length)) if t < start]
+        s = score(q[:, :, p], k[:, :, keys])
+        vals = v[:, :, keys]
+        mask = valid[:, keys]
+        if sinks:
+            s = torch.cat([sink_scores(p, start, sinks), s], dim=-1)
+            vals = torch.cat([v[:, :, sinks], vals], dim=2)
+            mask = torch.cat([valid[:, sinks], mask], dim=-1)
+        mask = mask & valid[:, p : p + 1]  # padding queries attend to nothing
+        return _combine(s, vals, mask)
+
+    # ---- local hop (axis m) ----
+    causal_out, causal_lse, full_out, full_lse = [], [], [], []
+    for p in range(length):
+        block_start = (p // n) * n
+        own = list(range(block_start, min(block_start + n, length)))
+        causal_keys = [t for t in own if t <= p]
+        if opts.local == "window" and block_start > 0:
+            causal_keys = list(range(block_start - n, block_start)) + causal_keys
+        out, lse = local_stream(p, causal_keys)
+        causal_out.append(out)
+        causal_lse.append(lse)
+        if complete:
+            out, lse = local_stream(p, own)
+            full_out.append(out)
+            full_lse.append(lse)
+    C, lse_C = torch.stack(causal_out, 2), torch.stack(causal_lse, 2)  # (B, H, L, D), (B, H, L)
+    F = torch.stack(full_out, 2) if complete else None
+    lse_F = torch.stack(full_lse, 2) if complete else None
+
+    # ---- outer hops (axes m-1, ..., 1) ----
+    hops = range(len(axes) - 2, -1, -1) if opts.long_range else range(0)
+    for j in hops:
+        if opts.rope == "axis":
+            coord = torch.tensor([row[j] for row in idx], dtype=compute, device=q.device)
+            delta = coord - torch.arange(length, dtype=compute, device=q.device)
+            qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
+        else:
+            qj, kj = q, k
+        last_hop = j == 0
+        new_C, new_lse_C, new_F, new_lse_F = [], [], [], []
+        for p in range(length):
+            i = idx[p][j]
+            fiber = [p + (t - i) * strides[j] for t in range(axes[j])]
+            fiber = [(t, pp) for t, pp in enumerate(fiber) if pp < length]
+            s_all = score(qj[:, :, p], kj[:, :, [pp for _, pp in fiber]])  # (B, H, K)
+            diag = [c for c, (t, _) in enumerate(fiber) if t == i][0]
+            query_ok = valid[:, p : p + 1]
+
+            def diag_score(lse_in: torch.Tensor) -> torch.Tensor:
+                if opts.merge == "lse":
+                    return lse_in[:, :, p : p + 1]
+                return s_all[..., diag : diag + 1]
+
+            if complete:
+                earlier = [c for c, (t, _) in enumerate(fiber) if t < i]
+                keys = [fiber[c][1] for c in earlier]
+                s = torch.cat([s_all[..., earlier], diag_score(lse_C)], dim=-1)
+                vals = torch.cat([F[:, :, keys], C[:, :, p : p + 1]], dim=2)
+                mask = torch.cat([valid[:, keys], valid[:, p : p + 1]], dim=-1) & query_ok
+                out, lse = _combine(s, vals, mask)
+                new_C.append(out)
+                new_lse_C.append(lse)
+                if not last_hop or return_full_stream:
+                    keys = [pp for _, pp in fiber]
+                    s = torch.cat([s_all[..., :diag], diag_score(lse_F), s_all[..., diag + 1 :]], dim=-1)
+                    out, lse = _combine(s, F[:, :, keys], valid[:, keys] & query_ok)
+                    new_F.append(out)
+                    new_lse_F.append(lse)
+            else:
+                upto = [c for c, (t, _) in enumerate(fiber) if t <= i]
+                keys = [fiber[c][1] for c in upto]
+                s = torch.cat([s_all[..., : len(upto) - 1], diag_score(lse_C)], dim=-1)
+                out, lse = _combine(s, C[:, :, keys], valid[:, keys] & query_ok)
+                new_C.append(out)
+                new_lse_C.append(lse)
+        C, lse_C = torch.stack(new_C, 2), torch.stack(new_lse_C, 2)
+        if new_F:
+            F, lse_F = torch.stack(new_F, 2), torch.stack(new_lse_F, 2)
+    if return_full_stream:
+        return C, F
+    return C
