@@ -1,0 +1,181 @@
+"""The ``ctxext`` command line: thin commands that parse, validate and call the library."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Extend the context window of pretrained Hugging Face LLMs with tensorized attention.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_block_sizes(text: str) -> tuple[int, ...]:
+    """``"64,64"`` -> ``(64, 64)``; a clear error for anything else."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    sizes = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(
+                f"--block-sizes: {part!r} is not an integer; give positive integers such as 128 or 64,64"
+            ) from None
+        if value < 1:
+            raise ValueError(f"--block-sizes: sizes must be positive integers, got {value}")
+        sizes.append(value)
+    if not sizes:
+        raise ValueError("--block-sizes: give at least one size, such as 128")
+    return tuple(sizes)
+
+
+def _format(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return "-" if value is None else str(value)
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="Hub id, local model directory, .gguf file, or 'smollm2' (embedded).")],
+    out: Annotated[Path, typer.Argument(help="Output model directory (written atomically).")],
+    block_sizes: Annotated[str, typer.Option(help="Inner axis sizes, e.g. 128 or 64,64.")] = "128",
+    causal: Annotated[str, typer.Option(help="complete | dominance")] = "complete",
+    rope: Annotated[str, typer.Option(help="absolute | axis")] = "absolute",
+    sinks: Annotated[int, typer.Option(help="Leading tokens every query sees exactly.")] = 0,
+    local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "block",
+    merge: Annotated[str, typer.Option(help="score | lse")] = "score",
+    long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
+    backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
+    rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
+    rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUT.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Reload OUT and compare with full attention.")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (trusted sources only).")
+    ] = False,
+) -> None:
+    """Convert MODEL to tensorized attention and write a complete model directory to OUT."""
+    from .atomic import OutputExistsError
+    from .attention.options import TensorizedConfigError, TensorizedOptions
+    from .models import ModelSourceError, UnsupportedModelError
+    from .models import convert as run_convert
+
+    try:
+        options = TensorizedOptions(
+            block_sizes=parse_block_sizes(block_sizes),
+            causal=causal,
+            rope=rope,
+            sinks=sinks,
+            local=local,
+            merge=merge,
+            long_range=long_range,
+            backend=backend,
+        )
+        errors = options.problems(where="option")
+        if errors:
+            raise TensorizedConfigError("invalid settings:\n  - " + "\n  - ".join(e.replace("option.", "--") for e in errors))
+        if rope_scaling and rope_factor <= 1.0:
+            raise ValueError(f"--rope-scaling {rope_scaling} needs --rope-factor > 1 (e.g. --rope-factor 4)")
+        start = time.time()
+        console.print(f"Converting [bold]{model}[/] -> {out}")
+        summary = run_convert(
+            model,
+            out,
+            options,
+            rope_scaling=rope_scaling,
+            rope_factor=rope_factor,
+            dtype=dtype,
+            force=force,
+            allow_pickle=allow_pickle,
+        )
+    except (ModelSourceError, UnsupportedModelError, TensorizedConfigError, OutputExistsError, ValueError) as err:
+        _fail(str(err))
+        return
+    except FileNotFoundError as err:
+        _fail(str(err))
+        return
+
+    table = Table(title=f"{summary.architecture} from {Path(summary.source).name}: what changed", show_lines=False)
+    table.add_column("setting")
+    table.add_column("before")
+    table.add_column("after", style="green")
+    for key, before, after in summary.changes:
+        table.add_row(key, _format(before), _format(after))
+    console.print(table)
+    total = summary.full_layers + summary.sliding_layers
+    console.print(
+        f"Tensorized attention replaces {summary.full_layers} of {total} attention layers"
+        + (f"; {summary.sliding_layers} sliding-window layers keep their exact window." if summary.sliding_layers else ".")
+    )
+    if summary.full_layers == 0:
+        err_console.print(
+            "[yellow]warning:[/] every layer of this model uses a sliding window, so tensorized attention changes "
+            "nothing; it replaces full-attention layers only."
+        )
+    console.print(f"Wrote {out} in {time.time() - start:.1f}s. Load it with:")
+    console.print(
+        f"  import ctxext; from transformers import AutoModelForCausalLM\n"
+        f"  model = AutoModelForCausalLM.from_pretrained('{out}')",
+        highlight=False,
+    )
+    if check:
+        _print_check(out)
+
+
+def _print_check(out: Path) -> None:
+    from .sanity import check_passed, quick_check
+
+    console.print("Checking the converted model on local text (Python standard-library sources)...")
+    result = quick_check(out)
+    console.print(f"  reloaded with attn_implementation = {result.reloaded_attention}")
+    console.print(
+        f"  within one block ({result.block_tokens} tokens): max |logit difference| vs full attention = "
+        f"{result.max_logit_diff_in_block:.2e}"
+    )
+    table = Table(title="Perplexity before fine-tuning (local text)")
+    table.add_column("tokens", justify="right")
+    table.add_column("full attention", justify="right")
+    table.add_column("tensorized", justify="right")
+    table.add_column("ratio", justify="right")
+    for length, (full, ta) in result.perplexity.items():
+        table.add_row(str(length), f"{full:.2f}", f"{ta:.2f}", f"{ta / full:.2f}x")
+    console.print(table)
+    console.print(
+        "Tensorized attention changes what each token sees beyond its block, so a pretrained model loses "
+        "perplexity until it is fine-tuned at long context."
+    )
+    if not check_passed(result):
+        _fail("the converted model does not match full attention inside one block; please report this", code=1)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of ctxext and its main dependencies."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    console.print(f"ctxext {__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+if __name__ == "__main__":
+    app()
