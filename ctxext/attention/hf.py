@@ -16,8 +16,8 @@ No model forward method is patched.
 
 from __future__ import annotations
 
+import json
 import warnings
-import weakref
 
 import torch
 
@@ -30,7 +30,7 @@ ATTN_IMPLEMENTATION = "tensorized"
 CONFIG_KEY = "tensorized_attention"
 
 _options_cache: dict[tuple, TensorizedOptions] = {}
-_inv_freq_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_inv_freq_cache: dict[tuple, torch.Tensor] = {}
 
 
 def options_from_config(config) -> TensorizedOptions:
@@ -45,10 +45,12 @@ def options_from_config(config) -> TensorizedOptions:
 
 
 def _inv_freq(config, device: torch.device) -> torch.Tensor:
-    per_device = _inv_freq_cache.setdefault(config, {})
-    if device not in per_device:
-        per_device[device] = inv_freq_from_config(config).to(device)
-    return per_device[device]
+    """RoPE inverse frequencies of ``config`` on ``device``, cached (configs are not hashable)."""
+    rope = json.dumps(getattr(config, "rope_parameters", None), sort_keys=True, default=str)
+    key = (id(config), rope, getattr(config, "head_dim", None), str(device))
+    if key not in _inv_freq_cache:
+        _inv_freq_cache[key] = inv_freq_from_config(config).to(device)
+    return _inv_freq_cache[key]
 
 
 def tensorized_mask(
