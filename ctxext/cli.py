@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -91,7 +91,9 @@ def convert(
         )
         errors = options.problems(where="option")
         if errors:
-            raise TensorizedConfigError("invalid settings:\n  - " + "\n  - ".join(e.replace("option.", "--") for e in errors))
+            raise TensorizedConfigError(
+                "invalid settings:\n  - " + "\n  - ".join(e.replace("option.", "--") for e in errors)
+            )
         if rope_scaling and rope_factor <= 1.0:
             raise ValueError(f"--rope-scaling {rope_scaling} needs --rope-factor > 1 (e.g. --rope-factor 4)")
         start = time.time()
@@ -123,7 +125,11 @@ def convert(
     total = summary.full_layers + summary.sliding_layers
     console.print(
         f"Tensorized attention replaces {summary.full_layers} of {total} attention layers"
-        + (f"; {summary.sliding_layers} sliding-window layers keep their exact window." if summary.sliding_layers else ".")
+        + (
+            f"; {summary.sliding_layers} sliding-window layers keep their exact window."
+            if summary.sliding_layers
+            else "."
+        )
     )
     if summary.full_layers == 0:
         err_console.print(

@@ -147,7 +147,9 @@ def load_causal_lm(
         if dtype != "auto":
             model = model.to(DTYPES[dtype])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False, **source.pretrained_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location, trust_remote_code=False, **source.pretrained_kwargs()
+        )
     except (OSError, ValueError, KeyError):
         tokenizer = None
     return model, tokenizer
@@ -186,7 +188,9 @@ def attention_layer_counts(config) -> tuple[int, int]:
 def rope_scaled_parameters(config, rope_type: str, factor: float) -> dict[str, Any]:
     """The model's ``rope_parameters`` with rope scaling ``rope_type`` by ``factor``."""
     if rope_type not in ROPE_SCALING_TYPES:
-        raise ModelSourceError(f"--rope-scaling: unknown type {rope_type!r}; choose one of {', '.join(ROPE_SCALING_TYPES)}")
+        raise ModelSourceError(
+            f"--rope-scaling: unknown type {rope_type!r}; choose one of {', '.join(ROPE_SCALING_TYPES)}"
+        )
     if not factor or factor <= 1.0:
         raise ModelSourceError(f"--rope-factor must be > 1 for rope scaling, got {factor}")
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -237,7 +241,9 @@ def apply_tensorized(model, options: TensorizedOptions, rope_scaling: str | None
             try:
                 config.validate_rope()
             except Exception as err:  # noqa: BLE001 - transformers raises several types here
-                raise ModelSourceError(f"rope scaling {rope_scaling} x{rope_factor} is invalid for {arch}: {err}") from None
+                raise ModelSourceError(
+                    f"rope scaling {rope_scaling} x{rope_factor} is invalid for {arch}: {err}"
+                ) from None
         changes.append(("rope_parameters", before, after))
         if rope_scaling != "dynamic":
             new_max = int(config.max_position_embeddings * rope_factor)

@@ -199,5 +199,7 @@ def torch_tensorized_attention(
             if idx is not None:  # move each slot from position p to coordinate i_j
                 delta = (idx[:, j] - torch.arange(lp, device=q.device)).to(compute)
                 qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
-            C, lse_C, Fs, lse_F = _outer_hop(qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, scaling, softcap, j == 0)
+            C, lse_C, Fs, lse_F = _outer_hop(
+                qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, scaling, softcap, j == 0
+            )
     return C[:, :, :length].to(in_dtype)
