@@ -51,17 +51,31 @@ class Fold:
     slot: ``(B, N)`` long slot of each token, or None when token t sits on slot t.
     real: ``(B, N)`` bool, True for real (non-padding) tokens, or None when all are real.
     valid: ``(B, L)`` bool, True for slots that hold a real token, or None when all do.
-    n_slots: L, one past the largest position id of a real token.
+    positions: ``(B, L)`` long RoPE position of the token on each slot (what q and k were
+        rotated at), or None when slot s holds position s. Used by ``rope="axis"``.
+    n_slots: L, the largest number of real tokens in a row.
     """
 
     slot: torch.Tensor | None
     real: torch.Tensor | None
     valid: torch.Tensor | None
     n_slots: int
+    positions: torch.Tensor | None = None
 
     @property
     def is_identity(self) -> bool:
         return self.slot is None
+
+
+def _check_positions(position_ids: torch.Tensor, batch: int, n_tokens: int, device) -> torch.Tensor:
+    """Validate and broadcast position ids to ``(B, N)`` long."""
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[-1] != n_tokens or position_ids.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids must have shape ({batch}, {n_tokens}) or (1, {n_tokens}); got {tuple(position_ids.shape)}"
+        )
+    return position_ids.to(device=device, dtype=torch.long).expand(batch, n_tokens)
 
 
 def plan_fold(
@@ -71,50 +85,61 @@ def plan_fold(
     padding_mask: torch.Tensor | None,
     device: torch.device,
 ) -> Fold:
-    """Decide each token's slot from its position id; O(N) work and memory.
+    """Place the real tokens of each row on consecutive slots ``0, 1, 2, ...``; O(N) work and memory.
+
+    A real token's slot is its rank among the real tokens of its row, so padding anywhere
+    (left, right, or holes) leaves real tokens on the multi-index they would have without
+    padding, whether or not the caller shifted the position ids. Position ids only say at
+    which RoPE position q and k were rotated (needed by ``rope="axis"``); among real tokens
+    they must increase strictly (restarting positions, as in packed sequences, are refused).
 
     position_ids: ``(B, N)`` or ``(1, N)`` integer RoPE positions, None for ``arange(N)``.
     padding_mask: ``(B, N)``, nonzero/True for real tokens, None when there is no padding.
     """
     real = None
     if padding_mask is not None:
-        if padding_mask.dim() != 2 or padding_mask.shape[-1] != n_tokens:
+        if padding_mask.dim() != 2 or padding_mask.shape[-1] != n_tokens or padding_mask.shape[0] not in (1, batch):
             raise ValueError(
-                f"padding_mask must have shape (batch, {n_tokens}) (1 for real tokens, 0 for padding); "
+                f"padding_mask must have shape ({batch}, {n_tokens}) (1 for real tokens, 0 for padding); "
                 f"got {tuple(padding_mask.shape)}. Tensorized attention takes O(N) masks, never (B, N, N)."
             )
         real = padding_mask.to(device=device, dtype=torch.bool).expand(batch, n_tokens)
         if bool(real.all()):
             real = None
     arange = torch.arange(n_tokens, device=device)
-    if position_ids is None or bool((position_ids == arange).all()):
-        return Fold(slot=None, real=real, valid=real, n_slots=n_tokens)
+    pos = None
+    if position_ids is not None:
+        pos = _check_positions(position_ids, batch, n_tokens, device)
+        is_real = real if real is not None else torch.ones(batch, n_tokens, dtype=torch.bool, device=device)
+        if bool((pos[is_real] < 0).any()):
+            raise ValueError("position_ids of real tokens must be >= 0")
+        masked = torch.where(is_real, pos, torch.full_like(pos, -1))
+        running_max = torch.cummax(masked, dim=-1).values
+        previous = torch.cat([torch.full_like(pos[:, :1], -1), running_max[:, :-1]], dim=-1)
+        if bool((is_real & (pos <= previous)).any()):
+            raise ValueError(
+                "position_ids of real tokens must increase strictly along each row; packed sequences whose "
+                "positions restart are not supported by tensorized attention. Pack documents with continuous "
+                "positions (separated by an EOS token) instead."
+            )
+    if real is None:
+        positions = None if pos is None or bool((pos == arange).all()) else pos
+        return Fold(slot=None, real=None, valid=None, n_slots=n_tokens, positions=positions)
 
-    if position_ids.dim() == 1:
-        position_ids = position_ids[None]
-    if position_ids.dim() != 2 or position_ids.shape[-1] != n_tokens:
-        raise ValueError(f"position_ids must have shape (batch, {n_tokens}); got {tuple(position_ids.shape)}")
-    pos = position_ids.to(device=device, dtype=torch.long).expand(batch, n_tokens)
-    is_real = real if real is not None else torch.ones(batch, n_tokens, dtype=torch.bool, device=device)
-    if bool((pos[is_real] < 0).any()):
-        raise ValueError("position_ids of real tokens must be >= 0")
-    # Real tokens must have strictly increasing positions: one slot per token.
-    masked = torch.where(is_real, pos, torch.full_like(pos, -1))
-    running_max = torch.cummax(masked, dim=-1).values
-    previous = torch.cat([torch.full_like(pos[:, :1], -1), running_max[:, :-1]], dim=-1)
-    if bool((is_real & (pos <= previous)).any()):
-        raise ValueError(
-            "position_ids of real tokens must increase strictly along each row; packed sequences whose "
-            "positions restart are not supported by tensorized attention. Pack documents with continuous "
-            "positions (separated by an EOS token) instead."
-        )
-    n_slots = int(masked.max().item()) + 1 if bool(is_real.any()) else n_tokens
-    n_slots = max(n_slots, 1)
-    valid = torch.zeros(batch, n_slots, dtype=torch.bool, device=device)
+    counts = real.sum(dim=-1)  # (B,)
+    n_slots = max(int(counts.max().item()), 1)
+    slot = (real.long().cumsum(dim=-1) - 1).clamp(min=0)  # rank among the row's real tokens
+    valid = torch.arange(n_slots, device=device)[None, :] < counts[:, None]  # (B, L)
+    token_pos = pos if pos is not None else arange[None].expand(batch, n_tokens)
+    positions = torch.zeros(batch, n_slots, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)[:, None].expand(batch, n_tokens)
-    valid[rows[is_real], pos[is_real]] = True
-    slot = torch.where(is_real, pos, torch.zeros_like(pos))
-    return Fold(slot=slot, real=real if real is not None else None, valid=valid, n_slots=n_slots)
+    positions[rows[real], slot[real]] = token_pos[real]
+    # Slots past a row's real tokens are masked; give them consecutive positions (never used as keys).
+    tail = positions.gather(1, (counts - 1).clamp(min=0)[:, None]) + 1 + torch.arange(n_slots, device=device)[None]
+    positions = torch.where(valid, positions, tail - counts[:, None])
+    if bool((positions == torch.arange(n_slots, device=device)[None]).all()):
+        positions = None
+    return Fold(slot=slot, real=real, valid=valid, n_slots=n_slots, positions=positions)
 
 
 def fold(x: torch.Tensor, plan: Fold) -> torch.Tensor:
@@ -123,9 +148,8 @@ def fold(x: torch.Tensor, plan: Fold) -> torch.Tensor:
         return x
     b, h, _, d = x.shape
     out = x.new_zeros(b, h, plan.n_slots, d)
-    real = plan.real if plan.real is not None else torch.ones_like(plan.slot, dtype=torch.bool)
-    # Padding tokens would collide on slot 0: zero them so the scatter only places real tokens.
-    src = x * real[:, None, :, None].to(x.dtype)
+    # Padding tokens share a slot with a real token: zero them so the scatter only places real tokens.
+    src = torch.where(plan.real[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     index = plan.slot[:, None, :, None].expand(b, h, -1, d)
     return out.scatter_add(2, index, src)
 

@@ -107,8 +107,9 @@ def tensorized_attention(
         local: ``"block"`` or ``"window"`` (the local hop also covers the previous block).
         merge: ``"score"`` or ``"lse"`` (outer-hop diagonal scored by the lower hop's mass).
         long_range: False keeps only the local hop.
-        position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions; tokens are folded by them.
-            None means ``arange(N)``.
+        position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions q and k were rotated at
+            (None: ``arange(N)``); strictly increasing over real tokens. Real tokens are
+            folded onto consecutive slots, so padding never moves a token's multi-index.
         padding_mask: ``(B, N)``, 1/True for real tokens; padding tokens are masked keys
             and get zero output. O(N): never a ``(B, N, N)`` mask.
         scaling: score scale, default ``D ** -0.5``.
@@ -168,5 +169,15 @@ def tensorized_attention_with_options(
         from .reference import reference_tensorized_attention as run
     else:
         from .torch_backend import torch_tensorized_attention as run
-    out = run(qs, ks, vs, opts, valid=plan.valid, scaling=scaling, softcap=softcap, inv_freq=rope_inv_freq)
+    out = run(
+        qs,
+        ks,
+        vs,
+        opts,
+        valid=plan.valid,
+        scaling=scaling,
+        softcap=softcap,
+        inv_freq=rope_inv_freq,
+        positions=plan.positions,
+    )
     return unfold(out.to(q.dtype), plan)

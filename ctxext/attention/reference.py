@@ -20,11 +20,11 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   With ``merge="lse"`` the diagonal's score is the log-sum-exp of the scores the lower
   hop's stream summarised (the mass of its summary) instead of ``q_p . k_p``.
 * ``long_range=False`` stops after the local hop.
-* ``rope="axis"``: in outer hop j, q and k are re-rotated from position p to coordinate
-  ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no re-rotation
-  (along a stride-1 axis the offset is already ``p - p'``) except for sinks outside the
-  local range: the query is moved to coordinate ``p - start`` (start of its key range),
-  the sink stays at ``t``.
+* ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
+  coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
+  re-rotation (along a stride-1 axis the offset is already ``p - p'``) except for sinks
+  outside the local range: the query is moved to coordinate ``p - start`` (start of its
+  key range), sink t to coordinate ``t``.
 * Padding slots (``valid`` False) are masked keys; their outputs are zero. A query whose
   key set is empty gets zero output and lse ``-inf``, never NaN.
 """
@@ -61,13 +61,16 @@ def reference_tensorized_attention(
     scaling: float | None = None,
     softcap: float | None = None,
     inv_freq: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
     return_full_stream: bool = False,
 ):
     """Tensorized attention on slots.
 
     q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)`` with ``Hq = g * Hkv``;
     valid: ``(B, L)`` bool, None when every slot holds a real token;
-    inv_freq: ``(r/2,)`` RoPE inverse frequencies, required for ``rope="axis"``.
+    inv_freq: ``(r/2,)`` RoPE inverse frequencies, required for ``rope="axis"``;
+    positions: ``(B, L)`` RoPE position q and k of each slot were rotated at, None when
+    slot s was rotated at position s.
     Returns ``(B, Hq, L, D)`` (and the full stream after the last hop, ``complete`` only,
     when ``return_full_stream``).
     """
@@ -83,6 +86,8 @@ def reference_tensorized_attention(
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     if opts.rope == "axis" and inv_freq is None:
         raise ValueError("rope='axis' needs the model's RoPE inverse frequencies (inv_freq)")
+    slots = torch.arange(length, device=q.device)
+    pos = (positions if positions is not None else slots[None].expand(batch, length)).to(compute)  # (B, L)
 
     axes = full_axes(length, opts.block_sizes)
     idx = multi_index(length, axes).tolist()  # per slot: [i_1, ..., i_m]
@@ -96,10 +101,11 @@ def reference_tensorized_attention(
         return softcap * torch.tanh(s / softcap) if softcap else s
 
     def sink_scores(p: int, start: int, sinks: list[int]) -> torch.Tensor:
-        qp = q[:, :, p]
-        if opts.rope == "axis":  # query to coordinate p - start; sinks stay at t
-            qp = rerotate(qp[:, :, None], torch.tensor(-float(start)), inv_freq)[:, :, 0]
-        return score(qp, k[:, :, sinks])
+        qp, ks = q[:, :, p], k[:, :, sinks]
+        if opts.rope == "axis":  # query to coordinate p - start, sink t to coordinate t
+            qp = rerotate(qp[:, :, None], (p - start - pos[:, p])[:, None, None], inv_freq)[:, :, 0]
+            ks = rerotate(ks, (torch.tensor(sinks, dtype=compute) - pos[:, sinks])[:, None, :], inv_freq)
+        return score(qp, ks)
 
     def local_stream(p: int, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         start = keys[0]
@@ -138,7 +144,7 @@ def reference_tensorized_attention(
     for j in hops:
         if opts.rope == "axis":
             coord = torch.tensor([row[j] for row in idx], dtype=compute, device=q.device)
-            delta = coord - torch.arange(length, dtype=compute, device=q.device)
+            delta = (coord[None] - pos)[:, None, :]  # (B, 1, L): from RoPE position to coordinate i_j
             qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
         else:
             qj, kj = q, k

@@ -47,10 +47,10 @@ def _softcap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(s / softcap) if softcap else s
 
 
-def _local_hop(q, k, v, valid, opts: TensorizedOptions, scaling, softcap, inv_freq, n: int):
+def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, scaling, softcap, inv_freq, n: int):
     """Hop along the innermost axis (blocks of n slots), with window and sinks.
 
-    q: ``(B, Hq, Lp, D)``; k, v: ``(B, Hkv, Lp, D)``; valid: ``(B, Lp)``.
+    q: ``(B, Hq, Lp, D)``; k, v: ``(B, Hkv, Lp, D)``; valid, positions: ``(B, Lp)``.
     Returns causal stream and lse, full stream and lse (None for ``dominance`` or when
     there is no outer hop), each ``(B, Hq, Lp, D)`` / ``(B, Hq, Lp)``.
     """
@@ -89,10 +89,13 @@ def _local_hop(q, k, v, valid, opts: TensorizedOptions, scaling, softcap, inv_fr
         """Prepend the sinks that lie before each block's key range (start: (nb,))."""
         if n_sinks == 0:
             return s, mask, vals_blocks
-        qs = qb
-        if opts.rope == "axis":  # query to coordinate p - start; sink t stays at t
-            qs = rerotate(qb, -range_start.view(nb, 1).to(q.dtype), inv_freq)
-        sink_k = k[:, :, None, :n_sinks]  # (B, Hkv, 1, s, D)
+        qs, sink_k = qb, k[:, :, None, :n_sinks]  # sink_k: (B, Hkv, 1, s, D)
+        if opts.rope == "axis":  # query to coordinate p - start, sink t to coordinate t
+            local = (torch.arange(lp, device=dev).view(nb, n) - range_start.view(nb, 1)).to(q.dtype)
+            delta = (local[None] - positions.view(b, nb, n))[:, None, :, None, :]  # (B, 1, nb, 1, n)
+            qs = rerotate(qb, delta.expand(b, 1, nb, g, n).reshape(b, 1, nb, g * n), inv_freq)
+            t = torch.arange(n_sinks, device=dev, dtype=q.dtype)
+            sink_k = rerotate(sink_k, (t[None] - positions[:, :n_sinks])[:, None, None, :], inv_freq)
         s_sink = _softcap(qs @ sink_k.transpose(-1, -2) * scaling, softcap).view(b, hkv, nb, g, n, n_sinks)
         t = torch.arange(n_sinks, device=dev)
         sink_ok = (t[None, :] < range_start[:, None])[None] & valid[:, None, :n_sinks]  # (B, nb, s)
@@ -172,10 +175,12 @@ def torch_tensorized_attention(
     scaling: float | None = None,
     softcap: float | None = None,
     inv_freq: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tensorized attention on slots; arguments and result as in the reference.
 
-    q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)``; valid: ``(B, L)`` or None.
+    q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)``; valid: ``(B, L)`` or None;
+    positions: ``(B, L)`` RoPE positions of the slots, None for ``arange(L)``.
     Returns ``(B, Hq, L, D)`` in q's dtype.
     """
     opts = options
@@ -190,14 +195,20 @@ def torch_tensorized_attention(
         valid = torch.ones(b, length, dtype=torch.bool, device=q.device)
     q, k, v = (F.pad(x.to(compute), (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, Lp, D)
     valid = F.pad(valid, (0, pad))
+    slots = torch.arange(lp, device=q.device)
+    if positions is None:
+        positions = slots[None].expand(b, lp)
+    else:  # padded slots continue the row's positions (they are masked keys)
+        positions = torch.cat([positions, positions[:, -1:] + 1 + slots[None, :pad]], dim=1)
+    positions = positions.to(compute)
 
-    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, opts, scaling, softcap, inv_freq, axes[-1])
+    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, scaling, softcap, inv_freq, axes[-1])
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):
             qj, kj = q, k
-            if idx is not None:  # move each slot from position p to coordinate i_j
-                delta = (idx[:, j] - torch.arange(lp, device=q.device)).to(compute)
+            if idx is not None:  # move each slot from its RoPE position to coordinate i_j
+                delta = (idx[:, j].to(compute)[None] - positions)[:, None, :]  # (B, 1, Lp)
                 qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
             C, lse_C, Fs, lse_F = _outer_hop(
                 qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, scaling, softcap, j == 0

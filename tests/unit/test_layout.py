@@ -85,8 +85,18 @@ def test_plan_identity_cases():
 def test_plan_right_padding_without_positions():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     plan = plan_fold(2, 5, None, mask, CPU)
-    assert plan.is_identity and plan.n_slots == 5
+    assert plan.n_slots == 5 and plan.positions is None
+    assert plan.slot[0].tolist()[:3] == [0, 1, 2] and plan.slot[1].tolist() == [0, 1, 2, 3, 4]
     assert torch.equal(plan.real, mask.bool()) and torch.equal(plan.valid, mask.bool())
+
+
+def test_plan_left_padding_without_shifted_positions_packs_real_tokens_first():
+    """A plain forward with an attention mask: positions are arange, real tokens still start at slot 0."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    plan = plan_fold(2, 5, None, mask, CPU)
+    assert plan.slot[0].tolist()[2:] == [0, 1, 2]
+    assert plan.valid.tolist() == [[True, True, True, False, False], [True] * 5]
+    assert plan.positions[0, :3].tolist() == [2, 3, 4] and plan.positions[1].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_plan_left_padding_with_shifted_positions():
@@ -107,10 +117,8 @@ def test_plan_left_padding_with_shifted_positions():
 def test_plan_position_gaps_and_broadcast():
     pos = torch.tensor([[0, 2, 3, 7]])
     plan = plan_fold(2, 4, pos, None, CPU)  # (1, N) position ids broadcast over the batch
-    assert plan.n_slots == 8
-    assert plan.slot.tolist() == [[0, 2, 3, 7]] * 2
-    assert plan.valid[0].tolist() == [True, False, True, True, False, False, False, True]
-    assert plan.real is None
+    assert plan.is_identity and plan.n_slots == 4 and plan.valid is None and plan.real is None
+    assert plan.positions.tolist() == [[0, 2, 3, 7]] * 2
 
 
 def test_plan_fully_padded_batch():
@@ -167,21 +175,21 @@ def test_fold_unfold(name):
     x = torch.randn(b, h, n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     plan = plan_fold(b, n, pos, mask, CPU)
     real = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.bool()
-    positions = torch.arange(n).expand(b, n) if pos is None else pos.expand(b, n)
+    rank = real.long().cumsum(-1) - 1  # real tokens go to consecutive slots
     slots = fold(x, plan)
     assert slots.shape == (b, h, plan.n_slots, d)
     for bi in range(b):
         for t in range(n):
-            if real[bi, t]:  # each real token lands on the slot of its position id, alone
-                assert torch.equal(slots[bi, :, positions[bi, t]], x[bi, :, t])
-        occupied = set(positions[bi][real[bi]].tolist())
+            if real[bi, t]:  # each real token lands on the slot of its rank, alone
+                assert torch.equal(slots[bi, :, rank[bi, t]], x[bi, :, t])
+        occupied = set(range(int(real[bi].sum())))
         for s in range(plan.n_slots):
             if s not in occupied and not plan.is_identity:
                 assert (slots[bi, :, s] == 0).all(), "padding leaked into an empty slot"
             if plan.valid is not None:
                 assert bool(plan.valid[bi, s]) == (s in occupied)
-    if plan.is_identity:  # no move: padding tokens stay on their slot, masked by plan.valid
-        assert slots is x and (pos is None) and (mask is None or plan.valid is not None)
+    if plan.is_identity:  # no padding: nothing moves
+        assert slots is x and mask is None
     back = unfold(slots, plan)
     assert back.shape == x.shape
     rm = real[:, None, :, None].expand_as(x)

@@ -38,7 +38,9 @@ def test_fewer_queries_than_keys_points_to_use_cache_false(backend):
 
 
 @pytest.mark.parametrize(
-    "block_sizes", [(0,), (-1,), (2.5,), (), (16, 0), (True,)], ids=["zero", "negative", "float", "empty", "inner0", "bool"]
+    "block_sizes",
+    [(0,), (-1,), (2.5,), (), (16, 0), (True,)],
+    ids=["zero", "negative", "float", "empty", "inner0", "bool"],
 )
 def test_invalid_block_sizes(block_sizes):
     q, k, v = qkv()
@@ -171,12 +173,6 @@ def test_quadratic_padding_mask_is_refused():
         tensorized_attention(q, k, v, padding_mask=torch.ones(2, 6))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known bug: plan_fold compares position_ids with arange(N) before checking their shape, so a wrong "
-    "length surfaces as a broadcasting RuntimeError instead of the intended ValueError",
-)
 def test_bad_position_ids_length():
     q, k, v = qkv(n=7)
     with pytest.raises(ValueError, match="position_ids must have shape"):

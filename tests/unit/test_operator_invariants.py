@@ -38,7 +38,7 @@ def case_id(case) -> str:
 ONE_BLOCK_VARIANTS = {
     "default": {},
     "sinks3-window": dict(sinks=3, local="window"),
-    "lse": dict(merge="lse", sinks=2),
+    "lse-sinks2": dict(merge="lse", sinks=2),
     "loconly": dict(long_range=False),
 }
 
@@ -59,7 +59,9 @@ def test_one_block_equals_causal_sdpa(n, causal, rope, backend, variant, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "block_sizes,n", [((7,), 7), ((5, 3), 3), ((4, 4, 9), 9), ((2, 2, 2), 1)], ids=["b7-n7", "b5x3-n3", "b4x4x9-n9", "b2x2x2-n1"]
+    "block_sizes,n",
+    [((7,), 7), ((5, 3), 3), ((4, 4, 9), 9), ((2, 2, 2), 1)],
+    ids=["b7-n7", "b5x3-n3", "b4x4x9-n9", "b2x2x2-n1"],
 )
 @pytest.mark.parametrize("causal", oc.CAUSAL)
 def test_one_block_any_depth_equals_causal_sdpa(causal, block_sizes, n, backend):
@@ -87,6 +89,141 @@ def test_one_block_softcap_and_scaling_equal_exact_attention(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Two blocks in closed form: the hop semantics (streams, merge, sinks, window, axis RoPE) written
+# out by hand, independently of the reference, for N < 2 * n_m (axes (2, n_m)).
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate-half RoPE: x * cos + rotate_half(x) * sin at ``positions`` (..., L)."""
+    freqs = positions.to(F64)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+def two_block_closed_form(q, k, v, n_m, opts, scaling):
+    """TA for axes (2, n_m): local hop, then one outer hop between blocks 0 and 1."""
+    b, hq, n, d = q.shape
+    g = hq // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    inv = oc.rope_inv_freq(d)
+    axis = opts["rope"] == "axis"
+
+    def local(p, keys, start):
+        sinks = [t for t in range(min(opts["sinks"], n)) if t < start]
+        qp = q[:, :, p]
+        s_keys = scaling * torch.einsum("bhd,bhkd->bhk", qp, k[:, :, keys])
+        q_sink = hf_rope(qp, torch.tensor(-float(start)), inv) if axis else qp  # the query moves to p - start
+        s_sink = scaling * torch.einsum("bhd,bhkd->bhk", q_sink, k[:, :, sinks])
+        scores = torch.cat([s_sink, s_keys], -1)
+        return torch.einsum("bhk,bhkd->bhd", torch.softmax(scores, -1), v[:, :, sinks + keys]), scores.logsumexp(-1)
+
+    C, lse_C, F = {}, {}, {}
+    for p in range(n):
+        start = (p // n_m) * n_m
+        own = list(range(start, min(start + n_m, n)))
+        causal_start = start - n_m if opts["local"] == "window" and start > 0 else start
+        C[p], lse_C[p] = local(p, list(range(causal_start, p + 1)), causal_start)
+        F[p] = local(p, own, start)[0]
+    if not opts["long_range"]:
+        return torch.stack([C[p] for p in range(n)], 2)
+    # Outer hop along axis 1 (stride n_m): re-rotate to coordinate i_1 for rope="axis".
+    i1 = torch.arange(n) // n_m
+    qo = hf_rope(q, (i1 - torch.arange(n)).to(F64), inv) if axis else q
+    ko = hf_rope(k, (i1 - torch.arange(n)).to(F64), inv) if axis else k
+    out = []
+    for p in range(n):
+        if p < n_m:  # i_1 = 0: the outer fiber has no earlier element; the diagonal alone keeps C
+            out.append(C[p])
+            continue
+        e = p - n_m  # the earlier fiber element (0, i_2)
+        s_e = scaling * (qo[:, :, p] * ko[:, :, e]).sum(-1)
+        diag = lse_C[p] if opts["merge"] == "lse" else scaling * (qo[:, :, p] * ko[:, :, p]).sum(-1)
+        w = torch.softmax(torch.stack([s_e, diag], -1), -1)
+        earlier = F[e] if opts["causal"] == "complete" else C[e]
+        out.append(w[..., :1] * earlier + w[..., 1:] * C[p])
+    return torch.stack(out, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", oc.option_matrix(), ids=oc.option_id)
+def test_two_blocks_closed_form(opts, backend):
+    n_m, n = 8, 13
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=n, dim=8, seed=41)
+    q, k = 2 * q, 2 * k  # sharp scores: every term matters
+    want = two_block_closed_form(q, k, v, n_m, opts, scaling=0.35)
+    got = oc.run_api(backend, q, k, v, (n_m,), opts, scaling=0.35)
+    oc.assert_close(got, want, 1e-12, "TA vs two-block closed form")
+
+
+def test_rerotate_composes_transformers_rope():
+    """rerotate(RoPE(x, p), c - p) == RoPE(x, c), including partial rotary dims."""
+    from ctxext.attention.rope import rerotate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 17, 8, generator=gen, dtype=F64)
+    p = torch.arange(17, dtype=F64) * 3 + 5
+    c = torch.randint(-4, 9, (17,), generator=gen).to(F64)
+    inv = oc.rope_inv_freq(8)
+    oc.assert_close(rerotate(hf_rope(x, p, inv), c - p, inv), hf_rope(x, c, inv), 1e-12, "full rotary")
+    inv_partial = oc.rope_inv_freq(4)  # rotary dims 0..3, dims 4..7 untouched
+    xr = torch.cat([hf_rope(x[..., :4], p, inv_partial), x[..., 4:]], -1)
+    want = torch.cat([hf_rope(x[..., :4], c, inv_partial), x[..., 4:]], -1)
+    oc.assert_close(rerotate(xr, c - p, inv_partial), want, 1e-12, "partial rotary")
+    x32 = x.to(torch.bfloat16)
+    assert rerotate(x32, c - p, inv).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sinks", [0, 3])
+@pytest.mark.parametrize("block_sizes,n", [((4,), 29), ((4, 4), 53)], ids=["b4-n29", "b4x4-n53"])
+def test_axis_rope_sees_axis_offsets(block_sizes, n, sinks, backend):
+    """rope='axis' scores along axis j depend on i_j - i_j' only.
+
+    Frequencies with theta * s_j == theta (mod 2 pi) for every stride s_j make a rotation by
+    s_j positions equal to a rotation by one, so absolute offsets (i_j - i_j') * s_j and axis
+    offsets i_j - i_j' give the same scores: both modes must then agree (without sinks, whose
+    offsets differ). A control frequency set shows that they differ otherwise.
+    """
+    third = 2 * math.pi / 3  # strides 1, 4, 16: gcd(4 - 1, 16 - 1) = 3, so theta = 2 pi k / 3
+    inv = torch.tensor([third, 2 * third, 2 * math.pi + third, 0.0], dtype=F64)
+    q0, k0, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=8, seed=43)
+    pos = torch.arange(n, dtype=F64)
+    q, k = hf_rope(q0, pos, inv), hf_rope(k0, pos, inv)
+    opts = dict(causal="complete", sinks=sinks)
+    axis = oc.run_api(backend, q, k, v, block_sizes, dict(rope="axis", **opts), rope_inv_freq=inv)
+    absolute = oc.run_api(backend, q, k, v, block_sizes, dict(rope="absolute", **opts))
+    if sinks == 0:
+        oc.assert_close(axis, absolute, 1e-12, "axis vs absolute with stride-periodic frequencies")
+    else:  # a sink's offset p - start - t is not a multiple of a stride: the modes differ
+        assert (axis - absolute).abs().max() > 1e-6
+    generic = oc.rope_inv_freq(8)
+    q, k = hf_rope(q0, pos, generic), hf_rope(k0, pos, generic)
+    axis = oc.run_api(backend, q, k, v, block_sizes, dict(rope="axis", **opts), rope_inv_freq=generic)
+    absolute = oc.run_api(backend, q, k, v, block_sizes, dict(rope="absolute", **opts))
+    assert (axis - absolute).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", oc.pairwise_options(), ids=oc.option_id)
+def test_rope_shift_invariance(opts, backend):
+    """Rotating every q and k by the same extra angle (RoPE positions p + c) changes nothing, in either mode."""
+    n, inv = 37, oc.rope_inv_freq(8)
+    q0, k0, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=8, seed=47)
+    pos = torch.arange(n, dtype=F64)
+    outs = [
+        oc.run_api(backend, hf_rope(q0, pos + c, inv), hf_rope(k0, pos + c, inv), v, (3, 4), opts, rope_inv_freq=inv)
+        if opts["rope"] == "axis"
+        else oc.run_api(backend, hf_rope(q0, pos + c, inv), hf_rope(k0, pos + c, inv), v, (3, 4), opts)
+        for c in (0.0, 7.0, 1000.0)
+    ]
+    oc.assert_close(outs[1], outs[0], 1e-10, "shift by 7")
+    oc.assert_close(outs[2], outs[0], 1e-9, "shift by 1000")
+
+
+# ---------------------------------------------------------------------------------------------
 # 8. torch backend vs the reference
 # ---------------------------------------------------------------------------------------------
 
@@ -102,6 +239,17 @@ def test_torch_matches_reference(case, opts):
     got = oc.run_slots("torch", q, k, v, block_sizes, opts)
     want = oc.run_slots("reference", q, k, v, block_sizes, opts)
     oc.assert_close(got, want, 1e-10, "torch vs reference")
+
+
+@pytest.mark.parametrize("opts", oc.pairwise_options(), ids=oc.option_id)
+@pytest.mark.parametrize("block_sizes", [(3, 4), (2, 3, 2)], ids=["b3x4", "b2x3x2"])
+def test_torch_matches_reference_every_short_length(block_sizes, opts):
+    """Lengths 1..27: leading axes of size 1 dropped, the new leading axis cut (compact_axes)."""
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=27, dim=8, seed=6)
+    for n in range(1, 28):
+        got = oc.run_slots("torch", q[:, :, :n], k[:, :, :n], v[:, :, :n], block_sizes, opts)
+        want = oc.run_slots("reference", q[:, :, :n], k[:, :, :n], v[:, :, :n], block_sizes, opts)
+        oc.assert_close(got, want, 1e-10, f"N={n}")
 
 
 def holes_valid(n: int) -> torch.Tensor:
@@ -271,9 +419,7 @@ def assert_support(w: torch.Tensor, expected: torch.Tensor, what: str):
     assert (w >= 0).all(), "weights must be non-negative"
 
 
-@pytest.mark.parametrize(
-    "opts", oc.option_matrix(causal="complete", long_range=True), ids=oc.option_id
-)
+@pytest.mark.parametrize("opts", oc.option_matrix(causal="complete", long_range=True), ids=oc.option_id)
 @pytest.mark.parametrize("case", REACH_CASES, ids=case_id)
 def test_reach_complete_is_every_earlier_token(case, opts):
     block_sizes, n = case
@@ -363,11 +509,6 @@ def test_reach_with_left_padding_and_shifted_positions(opts, backend):
         assert_support(w[b : b + 1], expected, f"row {b}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: empty slots between real tokens (padding without shifted position ids) are masked "
-    "keys in the outer hops, so the real tokens their full stream summarises are lost",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reach_complete_across_empty_slots(backend):
     """Left padding with arange position ids (a plain forward with an attention mask): slots 0..4 empty."""
@@ -529,19 +670,19 @@ def test_left_padding_with_positions_equals_unpadded(opts, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_position_ids_with_gaps_fold_onto_slots(backend):
-    """Real tokens sit on the slot of their position id; skipped positions are empty slots."""
+def test_position_ids_with_gaps_only_move_the_rope_rerotation(backend):
+    """Real tokens sit on consecutive slots whatever their position ids; the ids only tell the
+    axis re-rotation where q and k were rotated (absolute rope ignores them)."""
     positions = [0, 1, 2, 5, 6, 7, 8, 13, 14, 20, 21, 22, 23, 24]
-    n, slots = len(positions), positions[-1] + 1
+    n = len(positions)
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, seed=31)
+    pos = torch.tensor([positions])
     for opts in oc.pairwise_options():
-        got = oc.run_api(backend, q, k, v, (3, 4), opts, position_ids=torch.tensor([positions]))
-        qs, ks, vs = (torch.zeros(*x.shape[:2], slots, x.shape[-1], dtype=F64) for x in (q, k, v))
-        for x, xs in ((q, qs), (k, ks), (v, vs)):
-            xs[:, :, positions] = x
-        valid = torch.zeros(1, slots, dtype=torch.bool)
-        valid[0, positions] = True
-        want = oc.run_slots(backend, qs, ks, vs, (3, 4), opts, valid=valid)[:, :, positions]
+        got = oc.run_api(backend, q, k, v, (3, 4), opts, position_ids=pos)
+        if opts.get("rope") == "axis":
+            want = oc.run_slots(backend, q, k, v, (3, 4), opts, positions=pos)
+        else:
+            want = oc.run_api(backend, q, k, v, (3, 4), opts)
         oc.assert_close(got, want, 1e-12, f"{opts}")
 
 
