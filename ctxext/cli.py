@@ -172,6 +172,116 @@ def _print_check(out: Path) -> None:
         _fail("the converted model does not match full attention inside one block; please report this", code=1)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def finetune(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="section.key=value overrides, e.g. train.steps=200", show_default=False)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan and a memory estimate; train nothing.")
+    ] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write a merged model directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+) -> None:
+    """LoRA fine-tuning at long context from a recipe, through Accelerate (one or many devices)."""
+    import os
+    import subprocess
+    import sys
+
+    from .config import RecipeError, dump, load
+    from .data import DataError
+    from .models import ModelSourceError, UnsupportedModelError
+    from .train import FinetuneError, NonFiniteLossError
+
+    overrides = list(overrides or []) + (["train.resume=true"] if resume else [])
+    try:
+        spec = load(recipe, overrides)
+    except RecipeError as err:
+        _fail(str(err))
+        return
+    if dry_run:
+        _print_plan(spec)
+        return
+    if spec.accelerate.config and not os.environ.get("CTXEXT_LAUNCHED"):
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            spec.accelerate.config,
+            "-m",
+            "ctxext.cli",
+            "finetune",
+            "--recipe",
+            str(recipe),
+            *overrides,
+        ] + (["--merge"] if merge else [])
+        console.print("Launching through Accelerate: " + " ".join(command), highlight=False, soft_wrap=True)
+        env = {**os.environ, "CTXEXT_LAUNCHED": "1"}
+        if _accelerate_config_uses_cpu(spec.accelerate.config):
+            env["ACCELERATE_USE_CPU"] = "1"
+        raise typer.Exit(subprocess.call(command, env=env))
+    from .train import finetune as run_finetune
+
+    try:
+        result = run_finetune(spec, merge=merge, log=lambda msg: console.print(msg, highlight=False))
+    except NonFiniteLossError as err:
+        _fail(str(err), code=1)
+        return
+    except (FinetuneError, DataError, ModelSourceError, UnsupportedModelError, RecipeError) as err:
+        _fail(str(err))
+        return
+    if result.interrupted:
+        raise typer.Exit(130)
+    if result.adapter_dir is None:  # not the main process
+        return
+    first, last = result.losses[0], result.losses[-1]
+    console.print(f"Trained {result.steps} steps: loss {first:.4f} -> {last:.4f}")
+    console.print(f"  adapter: {result.adapter_dir}   metrics: {result.output_dir / 'metrics.jsonl'}")
+    if result.merged_dir:
+        console.print(f"  merged model: {result.merged_dir} (reload with from_pretrained after import ctxext)")
+    _ = dump
+
+
+def _accelerate_config_uses_cpu(path: str) -> bool:
+    import yaml
+
+    try:
+        return bool((yaml.safe_load(Path(path).read_text()) or {}).get("use_cpu"))
+    except (OSError, yaml.YAMLError):
+        return False
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f} GiB" if value >= 1 else f"{value * 1024:.1f} MiB"
+
+
+def _print_plan(spec) -> None:
+    from .config import dump
+    from .plan import plan
+
+    console.print("[bold]Resolved recipe[/]")
+    console.print(dump(spec), highlight=False)
+    try:
+        p = plan(spec)
+    except Exception as err:  # noqa: BLE001 - the plan is best effort; the recipe itself is valid
+        _fail(f"cannot plan {spec.model.source}: {err}")
+        return
+    table = Table(title=f"{p.architecture}: training plan (estimate, per device, before sharding)")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("total parameters", f"{p.total_params:,}")
+    table.add_row("trainable parameters", f"{p.trainable_params:,} ({100 * p.trainable_params / p.total_params:.2f}%)")
+    table.add_row("  LoRA", f"{p.lora_params:,}")
+    table.add_row("  embeddings/norms trained fully", f"{p.extra_trainable_params:,}")
+    table.add_row("tokens per optimizer step", f"{p.tokens_per_step:,}")
+    for key, gib in p.memory_gib.items():
+        table.add_row(f"memory: {key}", _gib(gib))
+    table.add_row("[bold]estimated peak memory[/]", f"[bold]{_gib(p.peak_gib)}[/]")
+    console.print(table)
+
+
 @app.command()
 def version() -> None:
     """Print the versions of ctxext and its main dependencies."""

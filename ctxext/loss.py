@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _final_softcap(model) -> float | None:
@@ -23,14 +24,21 @@ def chunked_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: 
     """
     head = model.get_output_embeddings()
     cap = _final_softcap(model)
-    out = []
-    for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start : start + chunk]).float()  # (B, c, V)
+
+    def chunk_nll(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()  # (B, c, V)
         if cap:
             logits = cap * torch.tanh(logits / cap)
-        target = labels[:, start : start + chunk]
-        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        out.append(nll)
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+
+    out = []
+    for start in range(0, hidden.shape[1], chunk):
+        h, target = hidden[:, start : start + chunk], labels[:, start : start + chunk]
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            # Recompute the chunk's logits in backward: only (B, c, H) is kept, never (B, N, V).
+            out.append(checkpoint(chunk_nll, h, target, use_reentrant=False))
+        else:
+            out.append(chunk_nll(h, target))
     return torch.cat(out, dim=1)
 
 

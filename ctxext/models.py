@@ -19,6 +19,7 @@ from .atomic import atomic_directory, check_output_dir
 from .attention.hf import ATTN_IMPLEMENTATION, CONFIG_KEY
 from .attention.options import TensorizedOptions
 from .embedded import is_embedded_alias, smollm2_gguf_path
+from .tiny import TINY_ARCHS, TINY_PREFIX, is_tiny
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,8 +38,8 @@ class UnsupportedModelError(ValueError):
 class ModelSource:
     """Where a model comes from. kind: ``hub``, ``dir`` or ``gguf``."""
 
-    kind: str
-    location: str  # Hub id or directory
+    kind: str  # hub | dir | gguf | tiny
+    location: str  # Hub id, directory, or tiny architecture
     gguf_file: str | None = None
 
     @property
@@ -66,6 +67,11 @@ def _check_gguf(path: Path) -> None:
 
 def resolve_source(spec: str) -> ModelSource:
     """Classify a model source string; raises :class:`ModelSourceError` with a fix."""
+    if is_tiny(spec):
+        arch = spec[len(TINY_PREFIX) :]
+        if arch not in TINY_ARCHS:
+            raise ModelSourceError(f"{spec}: unknown tiny architecture; choose one of {', '.join(TINY_ARCHS)}")
+        return ModelSource("tiny", arch)
     if is_embedded_alias(spec):
         path = smollm2_gguf_path()
         return ModelSource("gguf", str(path.parent), path.name)
@@ -96,6 +102,10 @@ def resolve_source(spec: str) -> ModelSource:
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
+    if source.kind == "tiny":
+        from .tiny import tiny_config
+
+        return tiny_config(source.location)
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=False, **source.pretrained_kwargs())
     except OSError as err:
@@ -126,6 +136,15 @@ def load_causal_lm(
 
     config = load_config(source)
     check_causal_lm(config, source.label)
+    if source.kind == "tiny":
+        from .tiny import byte_tokenizer, tiny_model
+
+        model = tiny_model(source.location)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+        if dtype != "auto":
+            model = model.to(DTYPES[dtype])
+        return model, byte_tokenizer()
     kwargs: dict[str, Any] = dict(source.pretrained_kwargs(), trust_remote_code=False)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -234,28 +253,35 @@ def apply_tensorized(model, options: TensorizedOptions, rope_scaling: str | None
         (CONFIG_KEY, getattr(config, CONFIG_KEY, None), options.to_dict()),
     ]
     if rope_scaling:
-        before = dict(getattr(config, "rope_parameters", None) or {})
-        after = rope_scaled_parameters(config, rope_scaling, rope_factor)
-        config.rope_parameters = after
-        if hasattr(config, "validate_rope"):
-            try:
-                config.validate_rope()
-            except Exception as err:  # noqa: BLE001 - transformers raises several types here
-                raise ModelSourceError(
-                    f"rope scaling {rope_scaling} x{rope_factor} is invalid for {arch}: {err}"
-                ) from None
-        changes.append(("rope_parameters", before, after))
-        if rope_scaling != "dynamic":
-            new_max = int(config.max_position_embeddings * rope_factor)
-            changes.append(("max_position_embeddings", config.max_position_embeddings, new_max))
-            config.max_position_embeddings = new_max
-        _reset_rotary(model)
+        changes += apply_rope_scaling(model, rope_scaling, rope_factor)
     if options.rope == "axis":
         from .attention.rope import inv_freq_from_config
 
         inv_freq_from_config(config)  # refuses dynamic scaling with a clear error now, not at run time
     setattr(config, CONFIG_KEY, options.to_dict())
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return changes
+
+
+def apply_rope_scaling(model, rope_scaling: str, rope_factor: float) -> list[tuple[str, Any, Any]]:
+    """Set the model's own rope scaling in place (also for full-attention baselines)."""
+    config = model.config
+    arch = type(model).__name__
+    before = dict(getattr(config, "rope_parameters", None) or {})
+    after = rope_scaled_parameters(config, rope_scaling, rope_factor)
+    config.rope_parameters = after
+    if hasattr(config, "validate_rope"):
+        try:
+            config.validate_rope()
+        except Exception as err:  # noqa: BLE001 - transformers raises several types here
+            config.rope_parameters = before
+            raise ModelSourceError(f"rope scaling {rope_scaling} x{rope_factor} is invalid for {arch}: {err}") from None
+    changes: list[tuple[str, Any, Any]] = [("rope_parameters", before, after)]
+    if rope_scaling != "dynamic":
+        new_max = int(config.max_position_embeddings * rope_factor)
+        changes.append(("max_position_embeddings", config.max_position_embeddings, new_max))
+        config.max_position_embeddings = new_max
+    _reset_rotary(model)
     return changes
 
 

@@ -76,6 +76,19 @@ def test_left_padding_keeps_real_tokens_on_their_multi_index(arch):
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
 
 
+def test_left_padding_without_position_ids_keeps_full_reach():
+    """A plain forward with an attention mask (arange positions): real tokens still fold from slot 0."""
+    model = _switch(tiny_model("llama"), block_sizes=(4,), causal="complete")
+    ids = _ids(19, batch=1)
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        alone = model(ids).logits
+        together = model(padded, attention_mask=mask).logits[:, pad:]
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
+
+
 def test_padding_mask_is_o_of_n():
     mask = torch.ones(2, 10, dtype=torch.long)
     assert tensorized_mask(2, 10, 10, attention_mask=mask.bool()) is None

@@ -1,0 +1,436 @@
+"""``finetune(recipe)``: LoRA fine-tuning at long context, one readable loop on Accelerate + peft.
+
+setup (model, adapter, data, optimizer) -> train (chunked loss, gradient accumulation,
+checkpoints, resume) -> save (adapter, optionally a merged model). Checkpoints hold only
+what training changes (trainable tensors, optimizer, scheduler, RNG, data position) and are
+written atomically; a resumed run reproduces the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .atomic import atomic_directory
+from .config import Recipe, dump
+from .data import TokenBlocks, batch_indices, build_blocks
+from .loss import sequence_nll
+
+DEFAULT_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj"],
+}
+DEFAULT_TARGETS_ANY = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RECIPE_FILE = "recipe.yaml"
+TRAINABLE_FILE = "ctxext_trainable.safetensors"
+SETTINGS_FILE = "ctxext.json"
+
+
+class FinetuneError(RuntimeError):
+    """Training cannot start or continue; the message says why and what to do."""
+
+
+class NonFiniteLossError(FinetuneError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    adapter_dir: Path | None
+    merged_dir: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Wraps a (peft) causal LM so that ``forward(input_ids)`` returns the mean next-token loss.
+
+    The LM head runs in checkpointed chunks (``loss.chunked_token_nll``), so full-sequence
+    logits never exist; wrapping keeps the forward inside DDP/FSDP for gradient sync.
+    """
+
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return sequence_nll(base, input_ids, chunk=self.chunk).mean()
+
+
+# ---------------------------------------------------------------- setup
+
+
+def load_base_model(recipe: Recipe):
+    """The recipe's model with its attention settings (tensorized or a full-attention baseline)."""
+    from .models import apply_rope_scaling, apply_tensorized, load_causal_lm, resolve_source
+
+    m = recipe.model
+    source = resolve_source(m.source)
+    attn = None if m.attention == "tensorized" else m.attention
+    model, tokenizer = load_causal_lm(source, dtype=m.dtype, attn_implementation=attn, allow_pickle=m.allow_pickle)
+    if tokenizer is None:
+        raise FinetuneError(f"model.source {m.source!r} has no tokenizer; fine-tuning needs one")
+    if m.attention == "tensorized":
+        apply_tensorized(model, recipe.tensorized_options(), m.rope_scaling, m.rope_factor)
+    elif m.rope_scaling:
+        apply_rope_scaling(model, m.rope_scaling, m.rope_factor)
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model, tokenizer
+
+
+def target_modules(recipe: Recipe, model) -> list[str]:
+    if recipe.lora.target_modules:
+        return recipe.lora.target_modules
+    return DEFAULT_TARGETS.get(model.config.model_type, DEFAULT_TARGETS_ANY)
+
+
+def add_adapter(recipe: Recipe, model):
+    """peft LoRA on the target modules, plus fully trainable extra modules (embeddings, norms)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules(recipe, model)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise FinetuneError(
+            f"lora.target_modules: {', '.join(missing)} not found in {type(model).__name__}; its linear layers "
+            f"include {', '.join(sorted(n for n in names if n.endswith('proj')))}"
+        )
+    config = LoraConfig(
+        r=recipe.lora.rank,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' checkpointing renames
+        model = get_peft_model(model, config)
+    extra = extra_trainable_names(model, recipe.lora.trainable)
+    for name, param in model.named_parameters():
+        if name in extra:
+            param.requires_grad_(True)
+    return model
+
+
+def extra_trainable_names(model, patterns: list[str]) -> set[str]:
+    """Parameters outside LoRA trained fully: a dotted name part containing a pattern."""
+    out = set()
+    for name, _ in model.named_parameters():
+        if "lora_" in name:
+            continue
+        parts = name.split(".")
+        if any(pat in part for pat in patterns for part in parts[:-1]):
+            out.add(name)
+    return out
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing on every decoder layer, non-reentrant."""
+    base = model.get_base_model()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def make_scheduler(recipe: Recipe, optimizer):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[recipe.train.schedule]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=recipe.train.steps
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    return sorted(root.glob("step-*")) if root.is_dir() else []
+
+
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, step: int, losses: list[float]) -> Path:
+    """Write ``checkpoints/step-N`` atomically: trainable tensors, optimizer, scheduler, RNG, position."""
+    from safetensors.torch import save_file
+
+    target = output_dir / "checkpoints" / f"step-{step:06d}"
+    with atomic_directory(target, force=True) as tmp:
+        save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    """Restore a checkpoint written by :func:`save_checkpoint` (tensors only: no pickled objects)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / TRAINABLE_FILE))
+    params = dict(model.named_parameters())
+    unknown = [n for n in state if n not in params]
+    if unknown:
+        raise FinetuneError(f"checkpoint {path} does not match this model/adapter (e.g. {unknown[0]})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    meta = json.loads((path / "state.json").read_text())
+    return int(meta["step"]), list(meta["losses"])
+
+
+# ---------------------------------------------------------------- output
+
+
+def save_adapter(model, tokenizer, recipe: Recipe, out: Path) -> Path:
+    """The adapter (peft files + fully trained extra tensors + ctxext settings + recipe), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(out, force=True) as tmp:
+        model.save_pretrained(tmp)
+        extra = extra_trainable_names(model, recipe.lora.trainable)
+        state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in extra}
+        if state:
+            save_file(state, str(tmp / TRAINABLE_FILE))
+        tokenizer.save_pretrained(tmp)
+        config = model.get_base_model().config
+        settings = {
+            "attn_implementation": config._attn_implementation,
+            "tensorized_attention": getattr(config, "tensorized_attention", None),
+            "rope_parameters": getattr(config, "rope_parameters", None),
+            "max_position_embeddings": config.max_position_embeddings,
+            "base_model": recipe.model.source,
+        }
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str) + "\n")
+        (tmp / RECIPE_FILE).write_text(dump(recipe))
+    return out
+
+
+def save_merged(model, tokenizer, out: Path) -> Path:
+    from .models import save_model_dir
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        merged = model.merge_and_unload()
+    return save_model_dir(merged, tokenizer, out, force=True)
+
+
+def parameter_digest(model) -> str:
+    """A hash of the trainable tensors (ranks of a data-parallel run must agree)."""
+    h = hashlib.sha256()
+    for name, p in sorted(trainable_state(model).items()):
+        h.update(name.encode())
+        h.update(p.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def check_output_dir(recipe: Recipe, output_dir: Path) -> Path | None:
+    """Refuse a directory that holds another run; return the checkpoint to resume from."""
+    recipe_file = output_dir / RECIPE_FILE
+    latest = checkpoint_dirs(output_dir)[-1] if checkpoint_dirs(output_dir) else None
+    if recipe_file.is_file():
+        previous = yaml.safe_load(recipe_file.read_text()) or {}
+        current = recipe.to_dict()
+        same = all(previous.get(k) == current.get(k) for k in ("model", "lora", "data"))
+        if not recipe.train.resume:
+            raise FinetuneError(
+                f"train.output_dir {output_dir} holds another run; pass train.resume=true to continue it "
+                "(same model, lora and data sections) or choose another train.output_dir"
+            )
+        if not same:
+            raise FinetuneError(
+                f"train.resume: {output_dir} was trained with different model/lora/data settings; resume needs "
+                "the same recipe (only train.* may change, e.g. train.steps)"
+            )
+        return latest
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise FinetuneError(
+            f"train.output_dir {output_dir} is not empty and holds no ctxext run; choose another train.output_dir"
+        )
+    return None
+
+
+def _micro_loss(wrapped, batch: torch.Tensor) -> torch.Tensor:
+    return wrapped(batch)
+
+
+def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResult:
+    """Run a recipe. Returns the output locations and the per-step losses."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    t = recipe.train
+    output_dir = Path(t.output_dir)
+    resume_from = check_output_dir(recipe, output_dir)
+    trackers = ["tensorboard"] if _has_tensorboard() else []
+    accelerator = Accelerator(
+        mixed_precision=t.precision if torch.cuda.is_available() else "no",
+        log_with=trackers or None,
+        project_dir=str(output_dir),
+    )
+    main = accelerator.is_main_process
+    set_seed(t.seed)
+
+    # ---- setup
+    model, tokenizer = load_base_model(recipe)
+    cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else output_dir.parent / ".cache" / "ctxext-data"
+    with accelerator.main_process_first():
+        blocks: TokenBlocks = build_blocks(recipe.data, tokenizer, cache_dir)
+    model = add_adapter(recipe, model)
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
+    scheduler = make_scheduler(recipe, optimizer)
+    wrapped = CausalLMLoss(model, t.loss_chunk)
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    step, losses = 0, []
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RECIPE_FILE).write_text(dump(recipe))
+    if resume_from is not None:
+        step, losses = load_checkpoint(resume_from, model, optimizer, scheduler)
+        log(f"resumed from {resume_from} at step {step}")
+    if trackers:
+        accelerator.init_trackers("ctxext", config=_flat(recipe.to_dict()))
+
+    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
+    metrics_path = output_dir / "metrics.jsonl"
+    bar = tqdm(total=t.steps, initial=step, disable=not main, desc="finetune", unit="step", dynamic_ncols=True)
+    interrupted = False
+    start_time, start_step = time.time(), step
+    try:
+        while step < t.steps:
+            micro_losses = []
+            for micro in range(t.grad_accum):
+                index = (step * t.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+                idx = batch_indices(len(blocks), recipe.data.seed, index, t.batch_size)
+                batch = torch.from_numpy(blocks.blocks[idx]).to(accelerator.device)
+                sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(wrapped)
+                with sync:
+                    loss = _micro_loss(wrapped, batch)
+                    accelerator.backward(loss / t.grad_accum)
+                micro_losses.append(loss.detach())
+            step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+            if not math.isfinite(step_loss):
+                raise NonFiniteLossError(
+                    f"the loss became {step_loss} at step {step + 1}; training stopped. The last good checkpoint "
+                    f"is kept in {output_dir / 'checkpoints'}. Lower train.lr or use train.precision=bf16 "
+                    "instead of fp16."
+                )
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            elapsed = time.time() - start_time
+            tok_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if main and step % t.log_every == 0:
+                record = {
+                    "step": step,
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": tok_s,
+                }
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if trackers:
+                    accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
+            if t.save_every and step % t.save_every == 0 and step < t.steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(
+                        output_dir, accelerator.unwrap_model(wrapped).model, optimizer, scheduler, step, losses
+                    )
+    except KeyboardInterrupt:
+        interrupted = True
+        if main:
+            path = save_checkpoint(
+                output_dir, accelerator.unwrap_model(wrapped).model, optimizer, scheduler, step, losses
+            )
+            log(f"interrupted: saved {path}; continue with train.resume=true")
+    finally:
+        bar.close()
+        if trackers:
+            accelerator.end_training()
+
+    model = accelerator.unwrap_model(wrapped).model
+    result = FinetuneResult(output_dir, None, None, step, losses, interrupted)
+    digest = parameter_digest(model)
+    (output_dir / f"rank-{accelerator.process_index}.json").write_text(json.dumps({"digest": digest, "step": step}))
+    if interrupted:
+        return result
+    accelerator.wait_for_everyone()
+    if main:
+        save_checkpoint(output_dir, model, optimizer, scheduler, step, losses)
+        _prune_checkpoints(output_dir, keep=2)
+        result.adapter_dir = save_adapter(model, tokenizer, recipe, output_dir / "adapter")
+        if merge:
+            result.merged_dir = save_merged(model, tokenizer, output_dir / "merged")
+    return result
+
+
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    for path in checkpoint_dirs(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            return False
+    return True
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

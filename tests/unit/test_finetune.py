@@ -1,0 +1,176 @@
+"""`ctxext finetune` on the tiny random model: resume reproduces an uninterrupted run, Ctrl-C and
+NaN keep a good checkpoint, --merge reloads as tensorized, bad input fails before training."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ctxext.train as train_mod
+from ctxext.cli import app
+from ctxext.config import load
+from ctxext.data import DataError
+from ctxext.train import FinetuneError, NonFiniteLossError, finetune
+
+TINY = Path(__file__).parents[2] / "recipes" / "tiny-debug.yaml"
+runner = CliRunner()
+
+
+def _recipe(tmp_path: Path, *overrides: str):
+    base = [
+        f"train.output_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_tokens=16384",
+        "train.steps=6",
+        "train.save_every=3",
+    ]
+    return load(TINY, [*base, *overrides])
+
+
+def _interrupt_at(monkeypatch, call: int, exc: BaseException):
+    original = train_mod._micro_loss
+    calls = {"n": 0}
+
+    def wrapped(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise exc
+        return original(model, batch)
+
+    monkeypatch.setattr(train_mod, "_micro_loss", wrapped)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
+    straight = finetune(_recipe(tmp_path / "a"), log=lambda m: None)
+    assert len(straight.losses) == 6 and all(map(torch.isfinite, torch.tensor(straight.losses)))
+
+    # Ctrl-C during step 5 (grad_accum 2: micro-call 9) saves a checkpoint at step 4 and stops.
+    _interrupt_at(monkeypatch, 9, KeyboardInterrupt())
+    first = finetune(_recipe(tmp_path / "b"), log=lambda m: None)
+    assert first.interrupted and first.steps == 4 and first.adapter_dir is None
+    monkeypatch.undo()
+    resumed = finetune(_recipe(tmp_path / "b", "train.resume=true"), log=lambda m: None)
+    assert resumed.steps == 6
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+    a = json.loads((tmp_path / "a" / "run" / "rank-0.json").read_text())["digest"]
+    b = json.loads((tmp_path / "b" / "run" / "rank-0.json").read_text())["digest"]
+    assert a == b, "resumed run ended with different weights"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = train_mod._micro_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = original(model, batch)
+        return loss * float("nan") if calls["n"] >= 9 else loss
+
+    monkeypatch.setattr(train_mod, "_micro_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 5.*last good checkpoint"):
+        finetune(_recipe(tmp_path), log=lambda m: None)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000003"]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_merge_writes_a_model_that_reloads_tensorized(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import ctxext  # noqa: F401
+
+    result = finetune(_recipe(tmp_path, "train.steps=2", "train.save_every=0"), merge=True, log=lambda m: None)
+    config = json.loads((result.merged_dir / "config.json").read_text())
+    assert config["attn_implementation"] == "tensorized"
+    assert config["tensorized_attention"]["block_sizes"] == [16]
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    assert merged.config._attn_implementation == "tensorized"
+    settings = json.loads((result.adapter_dir / "ctxext.json").read_text())
+    assert settings["attn_implementation"] == "tensorized"
+    assert (result.adapter_dir / "ctxext_trainable.safetensors").is_file()
+
+    # The merged model equals base + adapter + fully trained tensors.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from ctxext.tiny import tiny_model
+
+    base = tiny_model("llama")
+    base.config.tensorized_attention = {"block_sizes": [16], "causal": "complete"}
+    base.set_attn_implementation("tensorized")
+    peft_model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    extra = load_file(str(result.adapter_dir / "ctxext_trainable.safetensors"))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in extra.items():
+            params[name].copy_(tensor)
+        ids = torch.randint(0, 256, (1, 70))
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path):
+    finetune(_recipe(tmp_path, "train.steps=1", "train.save_every=0"), log=lambda m: None)
+    with pytest.raises(FinetuneError, match="holds another run.*train.resume=true"):
+        finetune(_recipe(tmp_path, "train.steps=1"), log=lambda m: None)
+    with pytest.raises(FinetuneError, match="different model/lora/data"):
+        finetune(_recipe(tmp_path, "train.steps=2", "train.resume=true", "lora.rank=8"), log=lambda m: None)
+
+
+def test_non_empty_foreign_output_dir_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match="not empty"):
+        finetune(_recipe(tmp_path), log=lambda m: None)
+
+
+@pytest.mark.parametrize(
+    "setup, overrides, error, match",
+    [
+        (None, ["data.source=./no/such/dir"], DataError, "does not exist"),
+        ("empty-dir", [], DataError, "no usable files"),
+        ("jsonl", ["data.text_field=body"], DataError, "no field 'body'.*text"),
+        ("short", ["data.packing=false", "data.seq_len=512"], DataError, "shorter than data.seq_len=512"),
+        ("tiny-text", ["data.seq_len=4096"], DataError, "fewer than one block"),
+        (None, ["lora.target_modules=[attn_proj]"], FinetuneError, "attn_proj not found"),
+    ],
+)
+def test_bad_data_and_adapter_settings_fail_before_training(tmp_path, setup, overrides, error, match):
+    data = tmp_path / "data"
+    data.mkdir()
+    if setup == "jsonl":
+        (data / "d.jsonl").write_text('{"text": "hello world"}\n{"text": "more text"}\n')
+    elif setup in ("short", "tiny-text"):
+        (data / "a.txt").write_text("short document")
+    if setup is not None:
+        overrides = [f"data.source={data}", *overrides]
+    with pytest.raises(error, match=match):
+        finetune(_recipe(tmp_path, *overrides), log=lambda m: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_reports_recipe_errors_and_dry_run(tmp_path):
+    result = runner.invoke(app, ["finetune", "--recipe", str(TINY), "train.stpes=3"])
+    assert result.exit_code == 2
+    assert "did you mean 'steps'" in result.output + result.stderr
+    result = runner.invoke(app, ["finetune", "--recipe", str(TINY), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "trainable parameters" in text and re.search(r"tokens per optimizer step\W+512\b", text)
+    assert "estimated peak memory" in text
+
+
+def test_data_is_cached_between_runs(tmp_path):
+    from ctxext.data import build_blocks
+    from ctxext.tiny import byte_tokenizer
+
+    recipe = _recipe(tmp_path)
+    first = build_blocks(recipe.data, byte_tokenizer(), tmp_path / "cache")
+    assert first.cache_path is not None and first.cache_path.is_file()
+    second = build_blocks(recipe.data, byte_tokenizer(), tmp_path / "cache")
+    assert (second.blocks == first.blocks).all() and second.cache_path == first.cache_path
+    assert first.blocks.shape[1] == recipe.data.seq_len
