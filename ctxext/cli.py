@@ -282,6 +282,86 @@ def _print_plan(spec) -> None:
     console.print(table)
 
 
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model dir, adapter dir (from finetune), .gguf, Hub id or 'smollm2'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (written atomically).")] = Path(
+        "runs/eval"
+    ),
+    lengths: Annotated[str, typer.Option(help="Comma-separated lengths, e.g. 2k,4k,8k,16k,32k,64k,128k.")] = "1k,2k,4k",
+    tasks: Annotated[str, typer.Option(help="ppl,passkey,needle,multikey,vartrack")] = "ppl,passkey",
+    depths: Annotated[str, typer.Option(help="Needle depths in 0..1.")] = "0,0.25,0.5,0.75,1",
+    trials: Annotated[int, typer.Option(help="Trials per (length, depth) cell.")] = 2,
+    data: Annotated[str, typer.Option(help="Perplexity data: 'stdlib', files/dirs, or a Hub data set.")] = "stdlib",
+    docs: Annotated[int, typer.Option(help="Documents per length for perplexity.")] = 4,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(help="Baseline: 'base' (same weights, full attention), 'base+yarn4', or another model."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned work and memory; run nothing.")] = False,
+) -> None:
+    """Evaluate long-context ability: perplexity against length, passkey, needle, RULER-style tasks."""
+    from .evaluate.runner import EvalError, EvalSpec, parse_length, resolve_entries, run, validate
+    from .models import ModelSourceError, UnsupportedModelError
+
+    try:
+        spec = EvalSpec(
+            model=model,
+            out=out,
+            lengths=[parse_length(x) for x in lengths.split(",") if x.strip()],
+            tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+            depths=[float(d) for d in depths.split(",") if d.strip()],
+            trials=trials,
+            data=data,
+            docs=docs,
+            seed=seed,
+            compare=list(compare or []),
+            force=force,
+        )
+    except ValueError as err:
+        _fail(f"{err}")
+        return
+    if dry_run:
+        errors = validate(spec)
+        if errors:
+            _fail("cannot evaluate:\n  - " + "\n  - ".join(errors))
+        _print_eval_plan(spec, resolve_entries(spec))
+        return
+    try:
+        report = run(spec)
+    except (EvalError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
+        _fail(str(err))
+        return
+    from .evaluate.report import markdown
+
+    console.print(markdown(report), highlight=False, soft_wrap=True)
+    console.print(f"Report: {out / 'report.md'} (also report.json and PNG plots in {out})")
+
+
+def _print_eval_plan(spec, entries) -> None:
+    from .evaluate.runner import estimate_memory_gib
+    from .models import load_config, resolve_source
+
+    retrieval = [t for t in spec.tasks if t != "ppl"]
+    table = Table(title="Planned evaluation (estimates, per model)")
+    for col in ("model", "length", "forward passes", "tokens", "est. peak memory"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for entry in entries:
+        try:
+            config = load_config(resolve_source(entry.source))
+        except Exception as err:  # noqa: BLE001 - best effort
+            table.add_row(entry.label, "-", "-", "-", f"config unavailable: {err}")
+            continue
+        ta = None if entry.attention else getattr(config, "tensorized_attention", None)
+        for n in spec.lengths:
+            passes = (spec.docs if "ppl" in spec.tasks else 0) + len(retrieval) * len(spec.depths) * spec.trials
+            mem = estimate_memory_gib(config, n, ta)
+            table.add_row(entry.label, str(n), str(passes), f"{passes * n:,}", _gib(sum(mem.values())))
+    console.print(table)
+
+
 @app.command()
 def version() -> None:
     """Print the versions of ctxext and its main dependencies."""

@@ -1,0 +1,336 @@
+"""``ctxext eval``: perplexity against length and retrieval grids for a model and its baselines.
+
+Every model (the one under test and each ``--compare`` baseline) runs the same protocol:
+the same documents, lengths, depths, seeds. A length that runs out of memory is recorded
+as ``"oom"``, not a crash.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import OutputExistsError, check_output_dir
+
+TASK_NAMES = ("ppl", "passkey", "needle", "multikey", "vartrack")
+ROPE_SUFFIX = re.compile(r"^(?P<base>.+?)\+(?P<type>linear|dynamic|yarn|llama3)(?P<factor>\d+(\.\d+)?)$")
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run as asked; the message lists every problem."""
+
+
+@dataclass
+class EvalSpec:
+    model: str
+    out: Path
+    lengths: list[int]
+    tasks: list[str] = field(default_factory=lambda: ["ppl", "passkey"])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2
+    data: str = "stdlib"
+    text_field: str = "text"
+    docs: int = 4
+    seed: int = 0
+    compare: list[str] = field(default_factory=list)
+    chunk: int = 2048
+    force: bool = False
+
+
+@dataclass
+class ModelEntry:
+    """One row of the report: how to load it and what it is."""
+
+    label: str
+    source: str
+    attention: str | None = None  # force an attention implementation (baselines: "sdpa")
+    rope: tuple[str, float] | None = None
+    description: str = ""
+
+
+def parse_length(text: str) -> int:
+    """``"4k"`` -> 4096, ``"1000"`` -> 1000."""
+    t = text.strip().lower()
+    try:
+        if t.endswith("k"):
+            return int(float(t[:-1]) * 1024)
+        return int(t)
+    except ValueError:
+        raise EvalError(f"--lengths: {text!r} is not a length (use integers or 4k-style values)") from None
+
+
+def resolve_entries(spec: EvalSpec) -> list[ModelEntry]:
+    """The model under test and its baselines, with readable labels."""
+    entries = [ModelEntry(_label(spec.model), spec.model, description="model under test")]
+    for item in spec.compare:
+        rope = None
+        base = item
+        match = ROPE_SUFFIX.match(item)
+        if match:
+            base = match["base"]
+            rope = (match["type"], float(match["factor"]))
+        if base == "base":
+            entry = ModelEntry(
+                item, spec.model, attention="sdpa", rope=rope, description="same weights, full attention"
+            )
+        else:
+            entry = ModelEntry(
+                item if rope else _label(base), base, attention="sdpa", rope=rope, description="baseline"
+            )
+        if rope:
+            entry.description += f", rope scaling {rope[0]} x{rope[1]:g}"
+        entries.append(entry)
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise EvalError(f"--compare: duplicate entries {labels}")
+    return entries
+
+
+def _label(source: str) -> str:
+    path = Path(source)
+    return path.name if path.exists() else source
+
+
+def load_entry(entry: ModelEntry, device: torch.device):
+    """Load ``(model, tokenizer)`` for an entry (adapters are merged onto their base)."""
+    from ..models import apply_rope_scaling, load_causal_lm, resolve_source
+
+    path = Path(entry.source)
+    if (path / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(path)
+    else:
+        model, tokenizer = load_causal_lm(resolve_source(entry.source))
+    if tokenizer is None:
+        raise EvalError(f"{entry.source} has no tokenizer; evaluation needs one")
+    if entry.attention and model.config._attn_implementation != entry.attention:
+        model.set_attn_implementation(entry.attention)
+    if entry.rope:
+        apply_rope_scaling(model, *entry.rope)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _load_adapter(path: Path):
+    """An adapter written by ``ctxext finetune``: base model + settings + LoRA + fully trained tensors."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from ..attention.options import TensorizedOptions
+    from ..models import apply_tensorized, load_causal_lm, resolve_source
+    from ..train import SETTINGS_FILE, TRAINABLE_FILE
+
+    settings = json.loads((path / SETTINGS_FILE).read_text())
+    model, _ = load_causal_lm(resolve_source(settings["base_model"]))
+    if settings.get("rope_parameters"):
+        model.config.rope_parameters = settings["rope_parameters"]
+    if settings.get("attn_implementation") == "tensorized":
+        apply_tensorized(model, TensorizedOptions.from_dict(settings["tensorized_attention"]))
+    model = PeftModel.from_pretrained(model, path)
+    if (path / TRAINABLE_FILE).is_file():
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(path / TRAINABLE_FILE)).items():
+                params[name].copy_(tensor)
+    from transformers import AutoTokenizer
+
+    return model.merge_and_unload(), AutoTokenizer.from_pretrained(path)
+
+
+def validate(spec: EvalSpec) -> list[str]:
+    errors = []
+    if not spec.lengths:
+        errors.append("--lengths: give at least one length")
+    for n in spec.lengths:
+        if n <= 1:
+            errors.append(f"--lengths: {n} is not a positive length > 1")
+    for d in spec.depths:
+        if not 0.0 <= d <= 1.0:
+            errors.append(f"--depths: {d} is outside 0..1")
+    for t in spec.tasks:
+        if t not in TASK_NAMES:
+            errors.append(f"--tasks: unknown task {t!r}; choose from {', '.join(TASK_NAMES)}")
+    if spec.trials < 1 or spec.docs < 1:
+        errors.append("--trials and --docs must be >= 1")
+    try:
+        check_output_dir(spec.out, spec.force)
+    except OutputExistsError as err:
+        errors.append(f"--out: {err}")
+    return errors
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
+    """Run the protocol for every entry; write report.json, report.md and PNGs into ``spec.out``."""
+    from tqdm.auto import tqdm
+
+    from ..atomic import atomic_directory
+    from .perplexity import document_nll, load_docs, perplexity
+    from .report import write_report
+    from .retrieval import teacher_forced_correct
+
+    errors = validate(spec)
+    entries = resolve_entries(spec) if not errors else []
+    if errors:
+        raise EvalError("cannot evaluate:\n  - " + "\n  - ".join(errors))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    retrieval = [t for t in spec.tasks if t != "ppl"]
+
+    # Load the first model now: a bad source or a missing tokenizer fails before the long work.
+    model, tokenizer = load_entry(entries[0], device)
+    docs = load_docs(spec.data, tokenizer, spec.text_field) if "ppl" in spec.tasks else None
+    problems = _check_lengths(spec, tokenizer, docs, retrieval)
+    if problems:
+        raise EvalError("cannot evaluate:\n  - " + "\n  - ".join(problems))
+
+    per_model = (
+        len(spec.lengths) * (spec.docs if docs else 0)
+        + len(retrieval) * len(spec.lengths) * len(spec.depths) * spec.trials
+    )
+    bar = tqdm(total=per_model * len(entries), desc="eval", unit="pass", disable=not progress, dynamic_ncols=True)
+    report: dict[str, Any] = {
+        "protocol": _protocol(spec, docs, device),
+        "models": [asdict(e) for e in entries],
+        "perplexity": {},
+        "tasks": {t: {} for t in retrieval},
+        "seconds": {},
+    }
+    for i, entry in enumerate(entries):
+        start = time.time()
+        if i > 0:
+            model, tokenizer = load_entry(entry, device)
+        bar.set_description(f"eval {entry.label}")
+        report["models"][i]["attn_implementation"] = model.config._attn_implementation
+        report["models"][i]["tensorized_attention"] = getattr(model.config, "tensorized_attention", None)
+        if docs is not None:
+            rows = report["perplexity"][entry.label] = {}
+            for length in spec.lengths:
+                chosen, skipped = docs.select(length, spec.docs)
+                cell: dict[str, Any] = {"docs": len(chosen), "skipped_short": skipped}
+                total, tokens = 0.0, 0
+                try:
+                    for ids in chosen:
+                        nll, n = document_nll(model, ids[:length], chunk=spec.chunk)
+                        total, tokens = total + nll, tokens + n
+                        bar.update(1)
+                    cell.update(nll=total / tokens if tokens else None, ppl=perplexity(total, tokens), tokens=tokens)
+                except (RuntimeError, torch.OutOfMemoryError) as err:
+                    if not _is_oom(err):
+                        raise
+                    cell["oom"] = True
+                    _free()
+                bar.update(spec.docs - len(chosen))
+                rows[str(length)] = cell
+        for task in retrieval:
+            from .tasks import make_sample
+
+            grid = report["tasks"][task][entry.label] = {}
+            for length in spec.lengths:
+                row = grid[str(length)] = {}
+                for depth in spec.depths:
+                    correct, oom = 0, False
+                    for trial in range(spec.trials):
+                        sample = make_sample(task, tokenizer, length, depth, seed=spec.seed * 10_000 + trial)
+                        try:
+                            correct += teacher_forced_correct(model, sample.input_ids, sample.answer_start)
+                        except (RuntimeError, torch.OutOfMemoryError) as err:
+                            if not _is_oom(err):
+                                raise
+                            oom = True
+                            _free()
+                        bar.update(1)
+                    row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
+        report["seconds"][entry.label] = round(time.time() - start, 1)
+        del model
+        _free()
+    bar.close()
+    with atomic_directory(spec.out, force=spec.force) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, tmp)
+    return report
+
+
+def _check_lengths(spec: EvalSpec, tokenizer, docs, retrieval: list[str]) -> list[str]:
+    from .tasks import min_length
+
+    problems = []
+    if docs is not None:
+        longest = docs.longest()
+        too_long = [n for n in spec.lengths if n > longest]
+        if too_long:
+            problems.append(
+                f"--lengths: {', '.join(map(str, too_long))} exceed the longest document of --data {spec.data!r} "
+                f"({longest} tokens); use shorter lengths or longer documents"
+            )
+    for task in retrieval:
+        need = min_length(task, tokenizer)
+        short = [n for n in spec.lengths if n < need]
+        if short:
+            problems.append(f"--lengths: {', '.join(map(str, short))} too short for {task} (needs >= {need} tokens)")
+    return problems
+
+
+def _protocol(spec: EvalSpec, docs, device) -> dict[str, Any]:
+    return {
+        "lengths": spec.lengths,
+        "perplexity": {
+            "data": spec.data,
+            "documents_per_length": spec.docs,
+            "documents_read": docs.read if docs else 0,
+            "scoring": "each document scored on its first L tokens (no sliding window); mean NLL per token over "
+            "all scored tokens; documents shorter than L are skipped and counted",
+            "loss_chunk": spec.chunk,
+        }
+        if docs
+        else None,
+        "retrieval": {
+            "depths": spec.depths,
+            "trials_per_cell": spec.trials,
+            "seeds": [spec.seed * 10_000 + t for t in range(spec.trials)],
+            "scoring": "teacher-forced: correct when the argmax at every answer position equals the answer "
+            "token, in one forward pass (no generation until the decode cache lands)",
+        },
+        "device": str(device),
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "torch": torch.__version__,
+    }
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def estimate_memory_gib(config, length: int, tensorized: dict | None, bytes_per_value: int = 4) -> dict[str, float]:
+    """Inference peak-memory estimate for one forward of ``length`` tokens (weights + one layer + loss chunk)."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", heads)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    params = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    params += config.num_hidden_layers * (
+        hidden * head_dim * (heads * 2 + kv_heads * 2) + 3 * hidden * inter + 2 * hidden
+    )
+    layer = length * (4 * hidden + 3 * inter + 2 * kv_heads * head_dim) * bytes_per_value
+    if tensorized:
+        n = (tensorized.get("block_sizes") or [128])[-1]
+        keys = n * (2 if tensorized.get("local") == "window" else 1) + int(tensorized.get("sinks") or 0)
+        attention = 2 * heads * length * keys * 4
+    else:
+        attention = heads * length * 4 * 64  # fused SDPA: O(N) per head
+    return {
+        "weights": params * bytes_per_value / 2**30,
+        "activations": (layer + attention) / 2**30,
+        "loss chunk": 2048 * config.vocab_size * 4 / 2**30,
+    }

@@ -1,0 +1,120 @@
+"""`ctxext eval` on tiny random models: the report has every model, task and length; bad input
+fails before the long work; chunked perplexity equals one pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ctxext.cli import app
+from ctxext.evaluate.runner import EvalError, EvalSpec, parse_length, resolve_entries, run
+from ctxext.loss import sequence_nll
+
+runner = CliRunner()
+
+
+def _tiny_dir(tmp_path):
+    """A converted tiny model directory (tensorized, byte tokenizer)."""
+    from ctxext.attention.options import TensorizedOptions
+    from ctxext.models import apply_tensorized, save_model_dir
+    from ctxext.tiny import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    apply_tensorized(model, TensorizedOptions(block_sizes=(64,)))
+    return save_model_dir(model, byte_tokenizer(), tmp_path / "tiny-ta")
+
+
+def test_report_covers_every_model_task_and_length(tmp_path):
+    model_dir = _tiny_dir(tmp_path)
+    spec = EvalSpec(
+        model=str(model_dir),
+        out=tmp_path / "eval",
+        lengths=[256, 512],
+        tasks=["ppl", "passkey", "needle", "multikey", "vartrack"],
+        depths=[0.0, 0.5, 1.0],
+        trials=1,
+        docs=2,
+        compare=["base", "base+linear2"],
+    )
+    report = run(spec, progress=False)
+    labels = [m["label"] for m in report["models"]]
+    assert labels == ["tiny-ta", "base", "base+linear2"]
+    assert [m["attn_implementation"] for m in report["models"]] == ["tensorized", "sdpa", "sdpa"]
+    for label in labels:
+        for n in ("256", "512"):
+            cell = report["perplexity"][label][n]
+            assert cell["docs"] == 2 and cell["tokens"] == 2 * (int(n) - 1)
+            assert 50 < cell["ppl"] < 1000  # a random model on 257 bytes: near-uniform
+        for task in ("passkey", "needle", "multikey", "vartrack"):
+            assert set(report["tasks"][task][label]["512"]) == {"0", "0.5", "1"}
+    # Same weights, one block of 64 < 256: tensorized and full attention differ; linear rope differs too.
+    ppl = {label: report["perplexity"][label]["512"]["ppl"] for label in labels}
+    assert len({round(v, 6) for v in ppl.values()}) == 3
+    out = tmp_path / "eval"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["protocol"]["retrieval"]["scoring"].startswith("teacher-forced")
+    md = (out / "report.md").read_text()
+    assert "## Perplexity against length" in md and "| base+linear2 |" in md and "## vartrack" in md
+    for png in ("ppl_vs_length.png", "passkey_tiny-ta.png", "needle_base.png", "vartrack_base_linear2.png"):
+        assert (out / png).stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lengths": [0]}, "not a positive length"),
+        ({"depths": [1.5]}, "outside 0..1"),
+        ({"tasks": ["ppl", "haystack"]}, "unknown task 'haystack'"),
+        ({"lengths": [10**7]}, "exceed the longest document"),
+        ({"lengths": [8], "tasks": ["passkey"]}, "too short for passkey"),
+    ],
+)
+def test_bad_input_fails_before_the_long_work(tmp_path, kwargs, match):
+    model_dir = _tiny_dir(tmp_path)
+    spec = EvalSpec(model=str(model_dir), out=tmp_path / "eval", **{"lengths": [256], **kwargs})
+    with pytest.raises(EvalError, match=match):
+        run(spec, progress=False)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    model_dir = _tiny_dir(tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.md").write_text("old")
+    with pytest.raises(EvalError, match="--force"):
+        run(EvalSpec(model=str(model_dir), out=tmp_path / "eval", lengths=[256]), progress=False)
+    assert (tmp_path / "eval" / "report.md").read_text() == "old"
+
+
+def test_model_without_tokenizer(tmp_path):
+    from ctxext.tiny import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "no-tok")
+    result = runner.invoke(app, ["eval", str(tmp_path / "no-tok"), "--out", str(tmp_path / "e"), "--lengths", "256"])
+    assert result.exit_code == 2 and "no tokenizer" in result.output + result.stderr
+
+
+def test_chunked_perplexity_equals_one_pass():
+    from ctxext.tiny import tiny_model
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, 256, (1, 300))
+    with torch.no_grad():
+        one = sequence_nll(model, ids, chunk=10_000)
+        chunked = sequence_nll(model, ids, chunk=7)
+        reference = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(chunked, one)
+    torch.testing.assert_close(one[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_parse_length_and_compare_labels(tmp_path):
+    assert parse_length("4k") == 4096 and parse_length("1000") == 1000 and parse_length("0.5k") == 512
+    with pytest.raises(EvalError):
+        parse_length("lots")
+    spec = EvalSpec(model="smollm2", out=tmp_path / "e", lengths=[1024], compare=["base", "base+yarn4", "smollm2+linear2"])
+    entries = resolve_entries(spec)
+    assert [e.label for e in entries] == ["smollm2", "base", "base+yarn4", "smollm2+linear2"]
+    assert entries[2].rope == ("yarn", 4.0) and entries[2].attention == "sdpa"
