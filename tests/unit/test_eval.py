@@ -32,7 +32,7 @@ def test_report_covers_every_model_task_and_length(tmp_path):
     spec = EvalSpec(
         model=str(model_dir),
         out=tmp_path / "eval",
-        lengths=[256, 512],
+        lengths=[512, 1024],
         tasks=["ppl", "passkey", "needle", "multikey", "vartrack"],
         depths=[0.0, 0.5, 1.0],
         trials=1,
@@ -44,14 +44,14 @@ def test_report_covers_every_model_task_and_length(tmp_path):
     assert labels == ["tiny-ta", "base", "base+linear2"]
     assert [m["attn_implementation"] for m in report["models"]] == ["tensorized", "sdpa", "sdpa"]
     for label in labels:
-        for n in ("256", "512"):
+        for n in ("512", "1024"):
             cell = report["perplexity"][label][n]
             assert cell["docs"] == 2 and cell["tokens"] == 2 * (int(n) - 1)
             assert 50 < cell["ppl"] < 1000  # a random model on 257 bytes: near-uniform
         for task in ("passkey", "needle", "multikey", "vartrack"):
-            assert set(report["tasks"][task][label]["512"]) == {"0", "0.5", "1"}
+            assert set(report["tasks"][task][label]["1024"]) == {"0", "0.5", "1"}
     # Same weights, one block of 64 < 256: tensorized and full attention differ; linear rope differs too.
-    ppl = {label: report["perplexity"][label]["512"]["ppl"] for label in labels}
+    ppl = {label: report["perplexity"][label]["1024"]["ppl"] for label in labels}
     assert len({round(v, 6) for v in ppl.values()}) == 3
     out = tmp_path / "eval"
     saved = json.loads((out / "report.json").read_text())
@@ -114,7 +114,9 @@ def test_parse_length_and_compare_labels(tmp_path):
     assert parse_length("4k") == 4096 and parse_length("1000") == 1000 and parse_length("0.5k") == 512
     with pytest.raises(EvalError):
         parse_length("lots")
-    spec = EvalSpec(model="smollm2", out=tmp_path / "e", lengths=[1024], compare=["base", "base+yarn4", "smollm2+linear2"])
+    spec = EvalSpec(
+        model="smollm2", out=tmp_path / "e", lengths=[1024], compare=["base", "base+yarn4", "smollm2+linear2"]
+    )
     entries = resolve_entries(spec)
     assert [e.label for e in entries] == ["smollm2", "base", "base+yarn4", "smollm2+linear2"]
     assert entries[2].rope == ("yarn", 4.0) and entries[2].attention == "sdpa"
