@@ -28,7 +28,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO_OUT)/finetune
 	$(BIN)/ctxext finetune --recipe recipes/smollm2-135m-demo.yaml train.output_dir=$(DEMO_OUT)/finetune --merge
 	$(BIN)/ctxext eval $(DEMO_OUT)/finetune/merged --out $(DEMO_OUT)/eval --force \
-		--lengths 1k,2k,4k --tasks ppl,passkey --depths 0,0.5,1 --trials 2 --docs 3 \
+		--lengths 1k,2k,4k --tasks ppl,passkey --depths 0.1,0.5,0.9 --trials 1 --docs 2 \
 		--compare smollm2 --compare base
 	@echo "Demo done: report in $(DEMO_OUT)/eval/report.md, plots in $(DEMO_OUT)/eval/*.png"
 

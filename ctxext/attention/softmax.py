@@ -27,3 +27,17 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
         total > 0, torch.log(total.clamp_min(_TINY)) + row_max, torch.full_like(total, float("-inf"))
     ).squeeze(-1)
     return probs, lse
+
+
+def softmax_rows(
+    logits: torch.Tensor, mask: torch.Tensor | None, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fast masked softmax for rows that always keep at least one key (the fast paths' invariant).
+
+    logits: ``(..., K)``; mask: broadcastable bool (True = key present) or None for no mask.
+    Returns ``(probs, lse or None)``: one fused softmax, and the log-sum-exp only when asked.
+    """
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs, (torch.logsumexp(logits, dim=-1) if need_lse else None)

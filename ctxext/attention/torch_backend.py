@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
 from .rope import rerotate
-from .softmax import masked_softmax
+from .softmax import softmax_rows
 
 
 def _to_fibers(x: torch.Tensor, n_kv: int, axes: tuple[int, ...], j: int) -> torch.Tensor:
@@ -47,22 +47,29 @@ def _softcap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(s / softcap) if softcap else s
 
 
-def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, scaling, softcap, inv_freq, n: int):
+def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_freq, n: int, need_lse: bool):
     """Hop along the innermost axis (blocks of n slots), with window and sinks.
 
-    q: ``(B, Hq, Lp, D)``; k, v: ``(B, Hkv, Lp, D)``; valid, positions: ``(B, Lp)``.
+    q: ``(B, Hq, Lp, D)``, already multiplied by the score scale; k, v: ``(B, Hkv, Lp, D)``;
+    valid: ``(B, Lp)`` or None (every slot real); positions: ``(B, Lp)``.
     Returns causal stream and lse, full stream and lse (None for ``dominance`` or when
-    there is no outer hop), each ``(B, Hq, Lp, D)`` / ``(B, Hq, Lp)``.
+    there is no outer hop; lse None unless ``need_lse``), ``(B, Hq, Lp, D)`` / ``(B, Hq, Lp)``.
+    Every softmax row keeps at least its own key (padding queries attend to themselves and
+    are zeroed at the end), so no row is empty.
     """
     b, hq, lp, d = q.shape
     hkv = k.shape[1]
     g, nb = hq // hkv, lp // n
     dev = q.device
-    qb = q.view(b, hkv, g, nb, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nb, g * n, d)
-    kb, vb = k.view(b, hkv, nb, n, d), v.view(b, hkv, nb, n, d)
-    valid_b = valid.view(b, nb, n)
     window = opts.local == "window"
     need_full = opts.causal == "complete" and opts.long_range
+    if valid is None and not window and opts.sinks == 0 and not softcap and not need_lse:
+        return _local_hop_sdpa(q, k, v, n, need_full)
+
+    qb = q.view(b, hkv, g, nb, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nb, g * n, d)
+    kb, vb = k.view(b, hkv, nb, n, d), v.view(b, hkv, nb, n, d)
+    ones = torch.ones(b, lp, dtype=torch.bool, device=dev)
+    valid_b = (valid if valid is not None else ones).view(b, nb, n)
 
     # Keys per block: [sinks] + [previous block] + [own block].
     key_parts, val_parts = [kb], [vb]
@@ -73,14 +80,17 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, scaling, soft
         ok_parts.insert(0, F.pad(valid_b, (0, 0, 1, 0))[:, :nb])
     keys, vals = torch.cat(key_parts, dim=-2), torch.cat(val_parts, dim=-2)  # (B, Hkv, nb, K, D)
     key_ok = torch.cat(ok_parts, dim=-1)  # (B, nb, K)
-    scores = _softcap(qb @ keys.transpose(-1, -2) * scaling, softcap)  # (B, Hkv, nb, g*n, K)
+    scores = _softcap(qb @ keys.transpose(-1, -2), softcap)  # (B, Hkv, nb, g*n, K)
     scores = scores.view(b, hkv, nb, g, n, -1)
 
     i = torch.arange(n, device=dev)
     own_causal = i[None, :] <= i[:, None]  # (n, n): key i' <= query i
-    structure = torch.cat([torch.ones(n, n, dtype=torch.bool, device=dev), own_causal], -1) if window else own_causal
-    query_ok = valid_b[:, None, :, None, :, None]  # (B, 1, nb, 1, n, 1)
-    causal_mask = structure[None, None, None, None] & key_ok[:, None, :, None, None, :] & query_ok
+    own_self = i[None, :] == i[:, None]
+    before = torch.zeros(n, n, dtype=torch.bool, device=dev)
+    structure = torch.cat([~before, own_causal], -1) if window else own_causal
+    self_col = torch.cat([before, own_self], -1) if window else own_self
+    query_bad = ~valid_b[:, None, :, None, :, None]  # (B, 1, nb, 1, n, 1)
+    causal_mask = (structure & key_ok[:, None, :, None, None, :]) | (self_col & query_bad)
 
     block_start = torch.arange(nb, device=dev) * n
     n_sinks = min(opts.sinks, lp)
@@ -96,22 +106,23 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, scaling, soft
             qs = rerotate(qb, delta.expand(b, 1, nb, g, n).reshape(b, 1, nb, g * n), inv_freq)
             t = torch.arange(n_sinks, device=dev, dtype=q.dtype)
             sink_k = rerotate(sink_k, (t[None] - positions[:, :n_sinks])[:, None, None, :], inv_freq)
-        s_sink = _softcap(qs @ sink_k.transpose(-1, -2) * scaling, softcap).view(b, hkv, nb, g, n, n_sinks)
+        s_sink = _softcap(qs @ sink_k.transpose(-1, -2), softcap).view(b, hkv, nb, g, n, n_sinks)
         t = torch.arange(n_sinks, device=dev)
-        sink_ok = (t[None, :] < range_start[:, None])[None] & valid[:, None, :n_sinks]  # (B, nb, s)
-        sink_mask = sink_ok[:, None, :, None, None, :] & query_ok
+        sink_ok = (t[None, :] < range_start[:, None])[None] & valid_b.reshape(b, lp)[:, None, :n_sinks]  # (B, nb, s)
+        sink_mask = sink_ok[:, None, :, None, None, :].expand(b, 1, nb, 1, n, n_sinks)
         sink_v = v[:, :, None, :n_sinks].expand(b, hkv, nb, n_sinks, d)
         return (
             torch.cat([s_sink, s], -1),
-            torch.cat([sink_mask, mask], -1),
+            torch.cat([sink_mask, mask.expand(b, 1, nb, 1, n, mask.shape[-1])], -1),
             torch.cat([sink_v, vals_blocks], -2),
         )
 
     def attend(s, mask, vals_blocks):
-        probs, lse = masked_softmax(s, mask)  # (B, Hkv, nb, g, n, K)
+        probs, lse = softmax_rows(s, mask, need_lse)  # (B, Hkv, nb, g, n, K)
         out = probs.view(b, hkv, nb, g * n, -1) @ vals_blocks  # (B, Hkv, nb, g*n, D)
         out = out.view(b, hkv, nb, g, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, lp, d)
-        lse = lse.permute(0, 1, 3, 2, 4).reshape(b, hq, lp)
+        if lse is not None:
+            lse = lse.permute(0, 1, 3, 2, 4).reshape(b, hq, lp)
         return out, lse
 
     causal_start = torch.clamp(block_start - n, min=0) if window else block_start
@@ -119,50 +130,125 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, scaling, soft
     if not need_full:
         return C, lse_C, None, None
     own_scores = scores[..., -n:]
-    full_mask = valid_b[:, None, :, None, None, :] & query_ok
+    full_mask = valid_b[:, None, :, None, None, :] | (own_self & query_bad)
     Fs, lse_F = attend(*with_sinks(own_scores, full_mask, vb, block_start))
     return C, lse_C, Fs, lse_F
 
 
-def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOptions, scaling, softcap, last: bool):
-    """Hop along outer axis j of ``axes`` (0-based). Streams ``(B, Hq, Lp, D)``, lse ``(B, Hq, Lp)``."""
+def _local_hop_sdpa(q, k, v, n: int, need_full: bool):
+    """The local hop with default options and no padding: fused SDPA per block (GQA by index).
+
+    q: ``(B, Hq, Lp, D)`` pre-scaled; k, v: ``(B, Hkv, Lp, D)``. Returns ``(C, None, F, None)``.
+    """
+    b, hq, lp, d = q.shape
+    hkv = k.shape[1]
+    nb = lp // n
+
+    def blocks(x, h):  # (B, H, Lp, D) -> (B * nb, H, n, D): 4-D so SDPA takes its fused kernel
+        return x.view(b, h, nb, n, d).transpose(1, 2).reshape(b * nb, h, n, d)
+
+    def back(x):  # (B * nb, Hq, n, D) -> (B, Hq, Lp, D)
+        return x.view(b, nb, hq, n, d).transpose(1, 2).reshape(b, hq, lp, d)
+
+    qb, kb, vb = blocks(q, hq), blocks(k, hkv), blocks(v, hkv)
+    gqa = {"enable_gqa": True} if hq != hkv else {}
+    C = back(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=1.0, **gqa))
+    Fs = back(F.scaled_dot_product_attention(qb, kb, vb, scale=1.0, **gqa)) if need_full else None
+    return C, None, Fs, None
+
+
+# Without autograd, an outer hop runs over groups of fibers so that its score tensor stays
+# below this many elements: peak memory then grows linearly with N (64 MiB in float32).
+NO_GRAD_SCORE_BUDGET = 1 << 24
+
+
+def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOptions, softcap, last: bool, need_lse):
+    """Hop along outer axis j of ``axes`` (0-based). Streams ``(B, Hq, Lp, D)``, lse ``(B, Hq, Lp)``.
+
+    q is pre-scaled; valid is ``(B, Lp)`` or None. Every row keeps at least one key. Under
+    ``torch.no_grad`` the fibers are processed in groups (bounded memory).
+    """
     b, hq, lp, d = q.shape
     hkv = k.shape[1]
     a, n_j, c = math.prod(axes[:j]), axes[j], math.prod(axes[j + 1 :])
-    g = hq // hkv
-    qf = _to_fibers(q, hkv, axes, j).reshape(b, hkv, a, c, g * n_j, d)
+    qf = _to_fibers(q, hkv, axes, j)  # (B, Hkv, A, C, g, n_j, D)
     kf = k.view(b, hkv, a, n_j, c, d).permute(0, 1, 2, 4, 3, 5)  # (B, Hkv, A, C, n_j, D)
-    s = _softcap(qf @ kf.transpose(-1, -2) * scaling, softcap).view(b, hkv, a, c, g, n_j, n_j)
-    ok = valid.view(b, a, n_j, c).permute(0, 1, 3, 2)  # (B, A, C, n_j)
-    key_ok = ok[:, None, :, :, None, None, :]
-    query_ok = ok[:, None, :, :, None, :, None]
-    i = torch.arange(n_j, device=q.device)
+    ok = None if valid is None else valid.view(b, a, n_j, c).permute(0, 1, 3, 2)  # (B, A, C, n_j)
+    complete = opts.causal == "complete"
+    fibered = {
+        "C": _to_fibers(C, hkv, axes, j),
+        "F": _to_fibers(Fs, hkv, axes, j) if complete else None,
+        "lse_C": _lse_to_fibers(lse_C, hkv, axes, j) if opts.merge == "lse" else None,
+        "lse_F": _lse_to_fibers(lse_F, hkv, axes, j) if opts.merge == "lse" and complete else None,
+    }
+    step = c
+    tracked = [x for x in (qf, kf, *fibered.values()) if x is not None]
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tracked)):
+        step = max(1, min(c, NO_GRAD_SCORE_BUDGET // max(1, b * hq * a * n_j * (n_j + 1))))
+    outs = []
+    for c0 in range(0, c, step):
+        part = slice(c0, c0 + step)
+        outs.append(
+            _outer_fibers(
+                qf[:, :, :, part],
+                kf[:, :, :, part],
+                {key: (x[:, :, :, part] if x is not None else None) for key, x in fibered.items()},
+                ok[:, :, part] if ok is not None else None,
+                opts,
+                softcap,
+                last,
+                need_lse,
+            )
+        )
+    results = []
+    for idx in range(4):
+        pieces = [o[idx] for o in outs]
+        if pieces[0] is None:
+            results.append(None)
+            continue
+        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3)
+        results.append(_from_fibers(whole) if whole.dim() == 7 else _lse_from_fibers(whole))
+    return tuple(results)
+
+
+def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: bool, need_lse):
+    """One group of fibers. qf: ``(B, Hkv, A, c, g, n, D)``; kf: ``(B, Hkv, A, c, n, D)``;
+    streams: fibered C, F ``(B, Hkv, A, c, g, n, D)`` and lse ``(B, Hkv, A, c, g, n)``;
+    ok: ``(B, A, c, n)`` or None. Returns fibered (C, lse_C, F, lse_F)."""
+    b, hkv, a, c, g, n, d = qf.shape
+    s = _softcap(qf.reshape(b, hkv, a, c, g * n, d) @ kf.transpose(-1, -2), softcap).view(b, hkv, a, c, g, n, n)
+    i = torch.arange(n, device=qf.device)
     eye = i[:, None] == i[None, :]
+    key_ok = None if ok is None else ok[:, None, :, :, None, None, :]
+    query_bad = None if ok is None else ~ok[:, None, :, :, None, :, None]
+
+    def keys(structure):
+        """Structure mask & key validity, plus the own key for padding queries (no empty row)."""
+        if key_ok is None:
+            return structure
+        mask = key_ok if structure is None else structure & key_ok
+        return mask | (eye & query_bad)
 
     def with_diag(lse_in):
-        if opts.merge == "lse":
-            return torch.where(eye, _lse_to_fibers(lse_in, hkv, axes, j)[..., None], s)
-        return s
-
-    def finish(out, lse):
-        return _from_fibers(out), _lse_from_fibers(lse)
+        return torch.where(eye, lse_in[..., None], s) if opts.merge == "lse" else s
 
     if opts.causal == "dominance":
-        probs, lse = masked_softmax(with_diag(lse_C), (i[None, :] <= i[:, None]) & key_ok & query_ok)
-        return (*finish(probs @ _to_fibers(C, hkv, axes, j), lse), None, None)
+        probs, lse = softmax_rows(with_diag(streams["lse_C"]), keys(i[None, :] <= i[:, None]), need_lse and not last)
+        return probs @ streams["C"], lse, None, None
 
-    F_in = _to_fibers(Fs, hkv, axes, j)  # (B, Hkv, A, C, g, n_j, D)
-    C_in = _to_fibers(C, hkv, axes, j)
-    diag = with_diag(lse_C).diagonal(dim1=-2, dim2=-1)  # (B, Hkv, A, C, g, n_j)
+    F_in, C_in = streams["F"], streams["C"]
+    diag = with_diag(streams["lse_C"]).diagonal(dim1=-2, dim2=-1)  # (B, Hkv, A, c, g, n)
     logits = torch.cat([s, diag[..., None]], dim=-1)  # last column: the diagonal, valued by C_in
-    mask = torch.cat([(i[None, :] < i[:, None]) & key_ok, query_ok.expand(b, 1, a, c, 1, n_j, 1)], -1) & query_ok
-    probs, lse = masked_softmax(logits, mask)
-    C_out, lse_C_out = finish(probs[..., :n_j] @ F_in + probs[..., n_j:] * C_in, lse)
+    off = keys(i[None, :] < i[:, None])  # strictly earlier fiber elements
+    if query_bad is not None:
+        off = off & ~eye  # the diagonal lives in the last column
+    mask = torch.cat([off.expand(*logits.shape[:-1], n), torch.ones_like(logits[..., :1], dtype=torch.bool)], -1)
+    probs, lse_c = softmax_rows(logits, mask, need_lse and not last)
+    C_out = probs[..., :n] @ F_in + probs[..., n:] * C_in
     if last:
-        return C_out, lse_C_out, None, None
-    probs, lse = masked_softmax(with_diag(lse_F), key_ok & query_ok)
-    F_out, lse_F_out = finish(probs @ F_in, lse)
-    return C_out, lse_C_out, F_out, lse_F_out
+        return C_out, lse_c, None, None
+    probs, lse_f = softmax_rows(with_diag(streams["lse_F"]), keys(None), need_lse)
+    return C_out, lse_c, probs @ F_in, lse_f
 
 
 def torch_tensorized_attention(
@@ -191,10 +277,13 @@ def torch_tensorized_attention(
     axes = compact_axes(length, opts.block_sizes)
     lp = math.prod(axes)
     pad = lp - length
+    all_valid = valid is None and pad == 0
     if valid is None:
         valid = torch.ones(b, length, dtype=torch.bool, device=q.device)
+    q = q.to(compute) * scaling  # fold the score scale into q once: O(N D), not O(N n)
     q, k, v = (F.pad(x.to(compute), (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, Lp, D)
-    valid = F.pad(valid, (0, pad))
+    valid = None if all_valid else F.pad(valid, (0, pad))
+    need_lse = opts.merge == "lse" and opts.long_range
     slots = torch.arange(lp, device=q.device)
     if positions is None:
         positions = slots[None].expand(b, lp)
@@ -202,7 +291,7 @@ def torch_tensorized_attention(
         positions = torch.cat([positions, positions[:, -1:] + 1 + slots[None, :pad]], dim=1)
     positions = positions.to(compute)
 
-    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, scaling, softcap, inv_freq, axes[-1])
+    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse)
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):
@@ -211,6 +300,9 @@ def torch_tensorized_attention(
                 delta = (idx[:, j].to(compute)[None] - positions)[:, None, :]  # (B, 1, Lp)
                 qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
             C, lse_C, Fs, lse_F = _outer_hop(
-                qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, scaling, softcap, j == 0
+                qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, softcap, j == 0, need_lse
             )
-    return C[:, :, :length].to(in_dtype)
+    C = C[:, :, :length]
+    if valid is not None:  # padding queries attended to themselves: zero them
+        C = C * valid[:, None, :length, None].to(C.dtype)
+    return C.to(in_dtype)

@@ -702,3 +702,19 @@ def test_option_matrix_helpers():
     assert len(rows) == 6
     for a, b in itertools.combinations(oc.OPTION_KEYS, 2):
         assert len({(r[a], r[b]) for r in rows}) == 4
+
+
+def test_outer_hops_in_fiber_groups_equal_the_whole(monkeypatch):
+    """Without autograd the outer hops run over groups of fibers (bounded memory): same result."""
+    import ctxext.attention.torch_backend as tb
+
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=113, seed=5)
+    mask = torch.ones(2, 113, dtype=torch.long)
+    mask[1, :9] = 0
+    for opts in oc.pairwise_options():
+        whole = oc.run_api("reference", q, k, v, (3, 4), opts, padding_mask=mask)
+        monkeypatch.setattr(tb, "NO_GRAD_SCORE_BUDGET", 1)  # one fiber at a time
+        with torch.no_grad():
+            grouped = oc.run_api("torch", q, k, v, (3, 4), opts, padding_mask=mask)
+        monkeypatch.undo()
+        oc.assert_close(grouped, whole, 1e-10, f"{opts}")
