@@ -40,6 +40,7 @@ class LoraSection:
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: q,k,v,o projections of the architecture
     trainable: list[str] = field(default_factory=lambda: ["embed_tokens", "norm"])  # fully trained (name parts)
+    quantize: str = "none"  # none | 4bit (QLoRA: CUDA + bitsandbytes)
 
 
 @dataclass
@@ -249,6 +250,8 @@ def validate(recipe: Recipe) -> list[str]:
     for key, value in (("data.max_samples", d.max_samples), ("data.max_tokens", d.max_tokens)):
         if value is not None and value <= 0:
             errors.append(f"{key}: must be > 0 when set, got {value}")
+    if lo.quantize not in ("none", "4bit"):
+        errors.append(f"lora.quantize: unknown value {lo.quantize!r}; choose none or 4bit")
     if not 0 <= lo.dropout < 1:
         errors.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     if t.lr <= 0:

@@ -130,6 +130,7 @@ def load_causal_lm(
     dtype: str = "auto",
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
+    quantization_config=None,
 ):
     """Load ``(model, tokenizer)``; the tokenizer is None if the source has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -148,6 +149,8 @@ def load_causal_lm(
     kwargs: dict[str, Any] = dict(source.pretrained_kwargs(), trust_remote_code=False)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if source.kind != "gguf":
         kwargs["dtype"] = DTYPES[dtype]
         if not allow_pickle:

@@ -80,7 +80,14 @@ def load_base_model(recipe: Recipe):
     m = recipe.model
     source = resolve_source(m.source)
     attn = None if m.attention == "tensorized" else m.attention
-    model, tokenizer = load_causal_lm(source, dtype=m.dtype, attn_implementation=attn, allow_pickle=m.allow_pickle)
+    quantization = qlora_config(recipe)
+    model, tokenizer = load_causal_lm(
+        source, dtype=m.dtype, attn_implementation=attn, allow_pickle=m.allow_pickle, quantization_config=quantization
+    )
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     if tokenizer is None:
         raise FinetuneError(f"model.source {m.source!r} has no tokenizer; fine-tuning needs one")
     if m.attention == "tensorized":
@@ -90,6 +97,27 @@ def load_base_model(recipe: Recipe):
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     return model, tokenizer
+
+
+def qlora_config(recipe: Recipe):
+    """4-bit NF4 quantisation of the frozen base (QLoRA), or None. Needs CUDA and bitsandbytes."""
+    if recipe.lora.quantize == "none":
+        return None
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise FinetuneError(
+            "lora.quantize=4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
+            "set lora.quantize=none to train without quantisation"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def target_modules(recipe: Recipe, model) -> list[str]:

@@ -158,8 +158,8 @@ def _local_hop_sdpa(q, k, v, n: int, need_full: bool):
 
 
 # Without autograd, an outer hop runs over groups of fibers so that its score tensor stays
-# below this many elements: peak memory then grows linearly with N (64 MiB in float32).
-NO_GRAD_SCORE_BUDGET = 1 << 24
+# below this many elements: peak memory then grows linearly with N (16 MiB in float32).
+NO_GRAD_SCORE_BUDGET = 1 << 22
 
 
 def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOptions, softcap, last: bool, need_lse):

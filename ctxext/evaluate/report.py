@@ -88,6 +88,9 @@ def plot_perplexity(report: dict[str, Any], path: Path) -> None:
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ticks = sorted({int(n) for rows in report["perplexity"].values() for n in rows})
+    ax.set_xticks(ticks, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity against length")

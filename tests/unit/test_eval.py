@@ -120,3 +120,20 @@ def test_parse_length_and_compare_labels(tmp_path):
     entries = resolve_entries(spec)
     assert [e.label for e in entries] == ["smollm2", "base", "base+yarn4", "smollm2+linear2"]
     assert entries[2].rope == ("yarn", 4.0) and entries[2].attention == "sdpa"
+
+
+def test_out_of_memory_is_recorded_not_a_crash(tmp_path, monkeypatch):
+    import ctxext.evaluate.perplexity as perplexity_mod
+    import ctxext.evaluate.retrieval as retrieval_mod
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    monkeypatch.setattr(perplexity_mod, "document_nll", oom)
+    monkeypatch.setattr(retrieval_mod, "teacher_forced_correct", oom)
+    model_dir = _tiny_dir(tmp_path)
+    spec = EvalSpec(model=str(model_dir), out=tmp_path / "eval", lengths=[512], tasks=["ppl", "passkey"], trials=1)
+    report = run(spec, progress=False)
+    assert report["perplexity"]["tiny-ta"]["512"]["oom"] is True
+    assert set(report["tasks"]["passkey"]["tiny-ta"]["512"].values()) == {"oom"}
+    assert "OOM" in (tmp_path / "eval" / "report.md").read_text()

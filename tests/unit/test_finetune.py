@@ -174,3 +174,23 @@ def test_data_is_cached_between_runs(tmp_path):
     second = build_blocks(recipe.data, byte_tokenizer(), tmp_path / "cache")
     assert (second.blocks == first.blocks).all() and second.cache_path == first.cache_path
     assert first.blocks.shape[1] == recipe.data.seq_len
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+def test_qlora_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(FinetuneError, match="lora.quantize=4bit.*CUDA GPU and bitsandbytes"):
+        finetune(_recipe(tmp_path, "lora.quantize=4bit"), log=lambda m: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unsupported_model_fails_before_training(tmp_path):
+    from ctxext.models import UnsupportedModelError
+    from tests.unit.tiny_models import tiny_model
+
+    tiny_model("bloom", "eager").save_pretrained(tmp_path / "bloom")
+    from tests.unit.test_convert import _tiny_tokenizer
+
+    _tiny_tokenizer().save_pretrained(tmp_path / "bloom")
+    with pytest.raises(UnsupportedModelError, match="BloomForCausalLM"):
+        finetune(_recipe(tmp_path, f"model.source={tmp_path / 'bloom'}"), log=lambda m: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
