@@ -363,6 +363,60 @@ def _print_eval_plan(spec, entries) -> None:
 
 
 @app.command()
+def push(
+    model_dir: Annotated[Path, typer.Argument(help="Converted/merged model dir or adapter dir (from finetune).")],
+    repo: Annotated[str, typer.Option("--repo", help="Hub repository, user/name.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to commit to (created if needed).")] = None,
+    adapter: Annotated[bool, typer.Option("--adapter", help="Require an adapter dir.")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="Require a merged/converted model dir.")] = False,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="Hub id of the base model (e.g. for a .gguf source).")
+    ] = None,
+    eval_dir: Annotated[
+        Path | None, typer.Option("--eval-dir", help="A `ctxext eval --out` dir: report.md + plots for the card.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List files and print the model card; upload nothing.")
+    ] = False,
+) -> None:
+    """Publish a model to the Hugging Face Hub with a model card, in one commit."""
+    from .hub import PushError
+    from .hub import push as push_model
+
+    if adapter and merged:
+        _fail("--adapter and --merged are exclusive")
+    kind = "adapter" if adapter else "merged" if merged else "auto"
+    try:
+        result = push_model(
+            model_dir,
+            repo,
+            private=private,
+            revision=revision,
+            kind=kind,
+            base_model=base_model,
+            eval_dir=eval_dir,
+            dry_run=dry_run,
+        )
+    except PushError as err:
+        _fail(str(err), code=1)
+        return
+    if dry_run:
+        console.print(
+            f"dry run: would upload {len(result.files)} files ({result.total_bytes:,} bytes) to {result.repo_id} "
+            f"as a {result.kind} model{' (private)' if private else ''}:",
+            highlight=False,
+        )
+        for path, size in result.files:
+            console.print(f"  {size:>14,}  {path}", markup=False, highlight=False)
+        console.print("\n--- README.md ---", markup=False)
+        print(result.card)  # plain: markdown/YAML must not be rendered
+        return
+    console.print(f"pushed {len(result.files)} files ({result.total_bytes:,} bytes) to {result.repo_url}")
+    console.print(f"  commit: {result.commit_url}", markup=False)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of ctxext and its main dependencies."""
     import torch

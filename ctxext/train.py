@@ -418,22 +418,22 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
             log(f"interrupted: saved {path}; continue with train.resume=true")
     finally:
         bar.close()
-        if trackers:
-            accelerator.end_training()
 
     model = accelerator.unwrap_model(wrapped).model
     result = FinetuneResult(output_dir, None, None, step, losses, interrupted)
     digest = parameter_digest(model)
     (output_dir / f"rank-{accelerator.process_index}.json").write_text(json.dumps({"digest": digest, "step": step}))
-    if interrupted:
-        return result
-    accelerator.wait_for_everyone()
-    if main:
-        save_checkpoint(output_dir, model, optimizer, scheduler, step, losses)
-        _prune_checkpoints(output_dir, keep=2)
-        result.adapter_dir = save_adapter(model, tokenizer, recipe, output_dir / "adapter")
-        if merge:
-            result.merged_dir = save_merged(model, tokenizer, output_dir / "merged")
+    if not interrupted:
+        accelerator.wait_for_everyone()
+        if main:
+            save_checkpoint(output_dir, model, optimizer, scheduler, step, losses)
+            _prune_checkpoints(output_dir, keep=2)
+            result.adapter_dir = save_adapter(model, tokenizer, recipe, output_dir / "adapter")
+            if merge:
+                result.merged_dir = save_merged(model, tokenizer, output_dir / "merged")
+        accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()  # also destroys the process group: last
     return result
 
 
