@@ -95,7 +95,12 @@ def plot_perplexity(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity against length")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(
+            0.5, 0.5, "no perplexity measured (OOM or no long-enough documents)", ha="center", transform=ax.transAxes
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
