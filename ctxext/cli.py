@@ -189,7 +189,7 @@ def finetune(
     import subprocess
     import sys
 
-    from .config import RecipeError, dump, load
+    from .config import RecipeError, load
     from .data import DataError
     from .models import ModelSourceError, UnsupportedModelError
     from .train import FinetuneError, NonFiniteLossError
@@ -241,7 +241,6 @@ def finetune(
     console.print(f"  adapter: {result.adapter_dir}   metrics: {result.output_dir / 'metrics.jsonl'}")
     if result.merged_dir:
         console.print(f"  merged model: {result.merged_dir} (reload with from_pretrained after import ctxext)")
-    _ = dump
 
 
 def _accelerate_config_uses_cpu(path: str) -> bool:

@@ -74,9 +74,18 @@ def resolve_files(source: str) -> list[Path] | None:
     return None
 
 
-def iter_documents(source: str, text_field: str = "text", split: str = "train", max_samples: int | None = None):
-    """Yield document strings from a source: ``stdlib``, files/directories, or a Hub data set."""
-    files = resolve_files(source)
+def iter_documents(
+    source: str,
+    text_field: str = "text",
+    split: str = "train",
+    max_samples: int | None = None,
+    files: list[Path] | None = None,
+):
+    """Yield document strings from a source: ``stdlib``, files/directories, or a Hub data set.
+
+    ``files``: the source's already resolved local files (see :func:`resolve_files`), if known.
+    """
+    files = files if files is not None else resolve_files(source)
     count = 0
     if files is None:
         yield from _hub_documents(source, text_field, split, max_samples)
@@ -174,7 +183,7 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
     blocks: list[np.ndarray] = []
     short = documents = tokens_read = 0
     budget = data.max_tokens
-    for text in iter_documents(data.source, data.text_field, data.split, data.max_samples):
+    for text in iter_documents(data.source, data.text_field, data.split, data.max_samples, files=files):
         documents += 1
         ids = tokenizer(text, add_special_tokens=False).input_ids
         tokens_read += len(ids)

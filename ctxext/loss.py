@@ -10,8 +10,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _final_softcap(model) -> float | None:
-    return getattr(model.config, "final_logit_softcapping", None)
+def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(B, N, H)`` (after the last norm) without computing any logits."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits of ``hidden`` ``(B, c, H)`` in float32, with final-logit soft-capping."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def chunked_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -22,13 +31,9 @@ def chunked_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: 
     nats. The LM head runs on ``chunk`` positions at a time; final-logit soft-capping is
     honoured.
     """
-    head = model.get_output_embeddings()
-    cap = _final_softcap(model)
 
     def chunk_nll(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()  # (B, c, V)
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
+        logits = lm_logits(model, h)  # (B, c, V)
         return F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
 
     out = []
@@ -44,6 +49,5 @@ def chunked_token_nll(model, hidden: torch.Tensor, labels: torch.Tensor, chunk: 
 
 def sequence_nll(model, input_ids: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """Per-token NLL ``(B, N-1)`` of each next token of ``input_ids`` ``(B, N)``."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = final_hidden(model, input_ids)
     return chunked_token_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk=chunk)

@@ -191,7 +191,7 @@ def _detach_dequantized_gguf(model) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if hasattr(model, "is_quantized") and not isinstance(type(model).__dict__.get("is_quantized"), property):
+    if "is_quantized" in vars(model):  # a plain attribute the quantizer set
         model.is_quantized = False
 
 

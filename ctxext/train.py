@@ -287,7 +287,7 @@ def parameter_digest(model) -> str:
 def check_output_dir(recipe: Recipe, output_dir: Path) -> Path | None:
     """Refuse a directory that holds another run; return the checkpoint to resume from."""
     recipe_file = output_dir / RECIPE_FILE
-    latest = checkpoint_dirs(output_dir)[-1] if checkpoint_dirs(output_dir) else None
+    latest = next(reversed(checkpoint_dirs(output_dir)), None)
     if recipe_file.is_file():
         previous = yaml.safe_load(recipe_file.read_text()) or {}
         current = recipe.to_dict()

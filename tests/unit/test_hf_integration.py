@@ -61,31 +61,20 @@ def test_forward_backward_beyond_one_block(arch):
     assert (out.logits.detach() - full).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("shifted", [True, False], ids=["shifted-position-ids", "plain-attention-mask"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_left_padding_keeps_real_tokens_on_their_multi_index(arch):
-    """A left-padded row gives the same logits on its real tokens as the unpadded sequence."""
+def test_left_padding_keeps_real_tokens_on_their_multi_index(arch, shifted):
+    """A left-padded row gives the same logits on its real tokens as the unpadded sequence, whether
+    the position ids are shifted (as generate does) or not (a plain forward with a mask)."""
     model = _switch(tiny_model(arch), block_sizes=(4,), causal="complete")
     ids = _ids(19, batch=1)
     pad = 5
     padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0) if shifted else None
     with torch.no_grad():
         alone = model(ids).logits
         together = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
-    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
-
-
-def test_left_padding_without_position_ids_keeps_full_reach():
-    """A plain forward with an attention mask (arange positions): real tokens still fold from slot 0."""
-    model = _switch(tiny_model("llama"), block_sizes=(4,), causal="complete")
-    ids = _ids(19, batch=1)
-    pad = 5
-    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
-    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    with torch.no_grad():
-        alone = model(ids).logits
-        together = model(padded, attention_mask=mask).logits[:, pad:]
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-4)
 
 
