@@ -177,6 +177,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     from .perplexity import document_nll, load_docs, perplexity
     from .report import write_report
     from .retrieval import teacher_forced_correct
+    from .tasks import make_sample
 
     errors = validate(spec)
     entries = resolve_entries(spec) if not errors else []
@@ -188,6 +189,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     # Load the first model now: a bad source or a missing tokenizer fails before the long work.
     model, tokenizer = load_entry(entries[0], device)
     docs = load_docs(spec.data, tokenizer, spec.text_field) if "ppl" in spec.tasks else None
+    docs_key = _tokenizer_key(tokenizer)
     problems = _check_lengths(spec, tokenizer, docs, retrieval)
     if problems:
         raise EvalError("cannot evaluate:\n  - " + "\n  - ".join(problems))
@@ -208,6 +210,10 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         start = time.time()
         if i > 0:
             model, tokenizer = load_entry(entry, device)
+            if docs is not None and _tokenizer_key(tokenizer) != docs_key:
+                # A baseline with another tokenizer scores the same documents in its own tokens.
+                docs = load_docs(spec.data, tokenizer, spec.text_field)
+                docs_key = _tokenizer_key(tokenizer)
         bar.set_description(f"eval {entry.label}")
         report["models"][i]["attn_implementation"] = model.config._attn_implementation
         report["models"][i]["tensorized_attention"] = getattr(model.config, "tensorized_attention", None)
@@ -231,8 +237,6 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
                 bar.update(spec.docs - len(chosen))
                 rows[str(length)] = cell
         for task in retrieval:
-            from .tasks import make_sample
-
             grid = report["tasks"][task][entry.label] = {}
             for length in spec.lengths:
                 row = grid[str(length)] = {}
@@ -257,6 +261,12 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_report(report, tmp)
     return report
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    """Cheap identity of a tokenizer: vocabulary size and the ids of a probe text."""
+    probe = "def tensorized(x):\n    return 42  # The quick brown fox."
+    return len(tokenizer), tuple(tokenizer(probe, add_special_tokens=False).input_ids)
 
 
 def _check_lengths(spec: EvalSpec, tokenizer, docs, retrieval: list[str]) -> list[str]:

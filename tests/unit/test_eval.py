@@ -137,3 +137,21 @@ def test_out_of_memory_is_recorded_not_a_crash(tmp_path, monkeypatch):
     assert report["perplexity"]["tiny-ta"]["512"]["oom"] is True
     assert set(report["tasks"]["passkey"]["tiny-ta"]["512"].values()) == {"oom"}
     assert "OOM" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_baseline_with_another_tokenizer_scores_documents_in_its_own_tokens(tmp_path):
+    """A compared model with a smaller vocabulary must not be fed the first model's token ids."""
+    from tests.unit.test_convert import _save_source
+
+    other = _save_source(tmp_path / "wordlevel", "llama")  # vocab 128, word-level tokenizer
+    spec = EvalSpec(
+        model=str(_tiny_dir(tmp_path)),
+        out=tmp_path / "eval",
+        lengths=[512],
+        tasks=["ppl"],
+        docs=1,
+        compare=[str(other)],
+    )
+    report = run(spec, progress=False)
+    cell = report["perplexity"]["wordlevel"]["512"]
+    assert cell["docs"] == 1 and cell["tokens"] == 511 and cell["ppl"] > 1
