@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
@@ -19,7 +20,9 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+@functools.cache
 def _triton_available() -> bool:
+    """Whether the fused kernels can be imported (checked once: this runs on every layer call)."""
     try:
         import triton  # noqa: F401
     except ImportError:
