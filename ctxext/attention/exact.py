@@ -25,12 +25,15 @@ def exact_causal_attention(
 ) -> torch.Tensor:
     """Causal softmax attention, optionally windowed, without an ``N x N`` matrix.
 
-    q: ``(B, Hq, N, D)``; k, v: ``(B, Hkv, N, D)``; padding_mask: ``(B, N)`` (True = token).
-    Query i sees keys j with ``i - window < j <= i`` (transformers' convention) that are
-    real tokens. Returns ``(B, Hq, N, D)`` in q's dtype; queries with no key get zeros.
+    q: ``(B, Hq, N, D)``; k, v: ``(B, Hkv, K, D)`` with ``K >= N``: the queries are the last N
+    of the K positions (a cached decode step when ``K > N``); padding_mask: ``(B, K)`` (True =
+    token). Query i (position ``i + K - N``) sees keys j with ``pos - window < j <= pos``
+    (transformers' convention) that are real tokens. Returns ``(B, Hq, N, D)`` in q's dtype;
+    queries with no key get zeros.
     """
     b, hq, n, d = q.shape
     hkv = k.shape[1]
+    offset = k.shape[2] - n  # keys before the first query (cached decoding)
     g = hq // hkv
     scaling = d**-0.5 if scaling is None else scaling
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -39,18 +42,19 @@ def exact_causal_attention(
     outs = []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        k_start = max(0, start - window + 1) if window else 0
-        s = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, start:stop], kc[:, :, k_start:stop]) * scaling
+        k_start = max(0, start + offset - window + 1) if window else 0
+        k_stop = stop + offset
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, start:stop], kc[:, :, k_start:k_stop]) * scaling
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        qi = torch.arange(start, stop, device=q.device)[:, None]
-        kj = torch.arange(k_start, stop, device=q.device)[None, :]
+        qi = torch.arange(start + offset, k_stop, device=q.device)[:, None]
+        kj = torch.arange(k_start, k_stop, device=q.device)[None, :]
         mask = kj <= qi
         if window:
             mask = mask & (kj > qi - window)
         mask = mask[None, None, None]
         if padding_mask is not None:
-            mask = mask & padding_mask[:, None, None, None, k_start:stop].to(torch.bool)
+            mask = mask & padding_mask[:, None, None, None, k_start:k_stop].to(torch.bool)
         probs, _ = masked_softmax(s, mask)
-        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", probs, vc[:, :, k_start:stop]))
+        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", probs, vc[:, :, k_start:k_stop]))
     return torch.cat(outs, dim=3).reshape(b, hq, n, d).to(q.dtype)

@@ -155,3 +155,37 @@ def test_baseline_with_another_tokenizer_scores_documents_in_its_own_tokens(tmp_
     report = run(spec, progress=False)
     cell = report["perplexity"]["wordlevel"]["512"]
     assert cell["docs"] == 1 and cell["tokens"] == 511 and cell["ppl"] > 1
+
+
+def test_scoring_by_generation_agrees_with_teacher_forcing(tmp_path):
+    from ctxext.evaluate.retrieval import teacher_forced_correct
+    from ctxext.evaluate.runner import ModelEntry, load_entry
+    from ctxext.generation import generated_answer_correct
+
+    model, tokenizer = load_entry(ModelEntry("t", str(_tiny_dir(tmp_path))), torch.device("cpu"))
+    prompt = tokenizer("The passkey is 12345. Remember it. " * 8).input_ids  # > one block of 64
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, len(prompt) :].tolist()
+    answer = tokenizer.decode(greedy)
+    assert teacher_forced_correct(model, prompt + greedy, len(prompt))
+    assert generated_answer_correct(model, tokenizer, prompt, answer)
+    wrong = [(t + 1) % 256 + 1 for t in greedy]
+    assert not teacher_forced_correct(model, prompt + wrong, len(prompt))
+    assert not generated_answer_correct(model, tokenizer, prompt, tokenizer.decode(wrong) + "x")
+
+
+def test_eval_can_score_retrieval_by_generation(tmp_path):
+    spec = EvalSpec(
+        model=str(_tiny_dir(tmp_path)),
+        out=tmp_path / "eval",
+        lengths=[300],
+        tasks=["passkey"],
+        depths=[0.5],
+        trials=1,
+        scoring="generate",
+    )
+    report = run(spec, progress=False)
+    assert report["protocol"]["retrieval"]["scoring"].startswith("greedy generation")
+    assert report["tasks"]["passkey"]["tiny-ta"]["300"]["0.5"] in (0.0, 1.0)
+    with pytest.raises(EvalError, match="--scoring"):
+        run(EvalSpec(model=spec.model, out=tmp_path / "e2", lengths=[300], scoring="beam"), progress=False)

@@ -163,11 +163,14 @@ def test_unsupported_architecture_gets_a_clear_error():
         _switch(model)
 
 
-def test_cached_decoding_raises_until_the_decode_cache_exists():
+def test_cached_decoding_without_the_tensorized_cache_raises_clearly():
+    from transformers import DynamicCache
+
     model = _switch(tiny_model("llama"), block_sizes=(4,))
     ids = _ids(9, batch=1)
+    cache = DynamicCache()  # a plain KV cache: no tensorized state
     with torch.no_grad(), pytest.raises(NotImplementedError, match="use_cache=False"):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
     assert out.shape == (1, 11)

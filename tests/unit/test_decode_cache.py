@@ -1,0 +1,203 @@
+"""The tensorized decode cache (DESIGN.md section 5): cached calls equal one forward pass."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import ctxext
+from ctxext.attention.cache import TensorizedCacheError, TensorizedCacheLayer, cache_memory
+from ctxext.models import apply_tensorized
+
+from .tiny_models import tiny_model
+
+N = 23  # crosses inner blocks of 4 and outer blocks of 4 * 3 = 12
+
+SETTINGS = {
+    "complete": dict(block_sizes=(4,)),
+    "dominance": dict(block_sizes=(4,), causal="dominance"),
+    "complete-3axes": dict(block_sizes=(4, 3)),
+    "dominance-3axes": dict(block_sizes=(4, 3), causal="dominance"),
+    "complete-axis-rope": dict(block_sizes=(4, 3), rope="axis"),
+    "dominance-axis-rope": dict(block_sizes=(4,), causal="dominance", rope="axis"),
+    "all-options": dict(block_sizes=(4, 3), rope="axis", merge="lse", sinks=2, local="window"),
+    "dominance-all-options": dict(block_sizes=(4, 3), causal="dominance", rope="axis", merge="lse", sinks=2),
+    "window-only": dict(block_sizes=(4,), long_range=False, sinks=1, local="window"),
+}
+SCHEDULES = {"token-by-token": (1,), "uneven-chunks": (5, 1, 3), "prompt-then-tokens": (13, 1)}
+
+
+def _model(arch: str = "llama", **settings):
+    model = tiny_model(arch, "sdpa")
+    apply_tensorized(model, ctxext.TensorizedOptions(**settings))
+    return model
+
+
+def _inputs(n: int, batch: int = 1, pad: tuple[int, ...] = ()):
+    ids = torch.randint(1, 128, (batch, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(batch, n, dtype=torch.long)
+    for row, count in enumerate(pad):
+        mask[row, :count] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+@torch.no_grad()
+def _cached_logits(model, ids, mask, positions, schedule, cache=None):
+    """Feed the sequence in chunks of the sizes in ``schedule`` (cycled) through one cache."""
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    outs, start = [], 0
+    for size in itertools.cycle(schedule):
+        stop = min(ids.shape[1], start + size)
+        outs.append(
+            model(
+                ids[:, start:stop],
+                attention_mask=mask[:, :stop],
+                position_ids=positions[:, start:stop],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+        )
+        start = stop
+        if start == ids.shape[1]:
+            return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_cached_calls_equal_one_forward_pass(settings, schedule):
+    model = _model(**settings)
+    ids, mask, positions = _inputs(N)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    cached, cache = _cached_logits(model, ids, mask, positions, schedule)
+    assert isinstance(cache.layers[0], TensorizedCacheLayer) and cache.layers[0].tensorized is not None
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    # The comparison is sensitive: full attention gives other logits at this length.
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        exact = model(ids, use_cache=False).logits
+    assert (exact - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("settings", [SETTINGS["complete-3axes"], SETTINGS["all-options"], SETTINGS["dominance"]])
+def test_batch_with_left_padding_and_holes(settings):
+    model = _model(**settings)
+    ids, mask, positions = _inputs(N, batch=3, pad=(0, 5, 11))
+    mask[0, 7:9] = 0  # a hole inside row 0: its slots no longer map to consecutive tokens
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    for schedule in [(1,), (13, 2)]:
+        cached, _ = _cached_logits(model, ids, mask, positions, schedule)
+        real = mask.bool()
+        torch.testing.assert_close(cached[real], full[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_generate_uses_the_cache_and_matches_generation_without_it(arch):
+    model = _model(arch, block_sizes=(4, 3))
+    ids, _, _ = _inputs(10, batch=1)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
+        cache = ctxext.TensorizedCache(model.config)
+        cached = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=cache)
+    assert torch.equal(cached, reference)
+    full_layers = [layer for layer in cache.layers if isinstance(layer, TensorizedCacheLayer)]
+    assert full_layers and all(layer.tensorized.tokens_seen == 25 for layer in full_layers)
+
+
+def test_generate_builds_the_cache_itself_batched_with_padding_and_beams():
+    model = _model(block_sizes=(4,), merge="lse", sinks=1)
+    ids, mask, _ = _inputs(9, batch=2, pad=(3,))
+    with torch.no_grad():
+        for kwargs in [{}, {"num_beams": 2}]:
+            reference = model.generate(
+                ids, attention_mask=mask, max_new_tokens=10, do_sample=False, use_cache=False, **kwargs
+            )
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **kwargs)
+            assert torch.equal(cached, reference), kwargs
+
+
+def test_cache_size_is_a_small_multiple_of_a_kv_cache():
+    # complete mode, two axes: the full streams of completed blocks add Hq * D per token to the
+    # 2 * Hkv * D of k and v (4 query heads, 2 kv heads here: 2x), plus the current block's queries.
+    model = _model(block_sizes=(4,))
+    ids, mask, positions = _inputs(400)
+    _, cache = _cached_logits(model, ids, mask, positions, (399, 1))
+    memory = cache_memory(cache)
+    assert memory["kv"] == 2 * 2 * 400 * 16 * 4 * 2  # layers * (k, v) * tokens * D * bytes * Hkv
+    multiple = (memory["kv"] + memory["tensorized"]) / memory["kv"]
+    assert 2.0 <= multiple <= 2.15, multiple
+
+
+def test_work_per_token_does_not_grow_with_the_inner_blocks():
+    # A token attends to at most (local keys) + (n_j + 1) per outer hop, not to every earlier token.
+    from ctxext.attention import decode
+
+    seen = []
+    original = decode._Step.outer_causal
+
+    def spy(self, j, q, slots, C, lse_C):
+        seen.append((j, int(self.geo.coordinate(slots, j).max()) + 1))
+        return original(self, j, q, slots, C, lse_C)
+
+    model = _model(block_sizes=(4, 4))
+    ids, mask, positions = _inputs(120)
+    decode._Step.outer_causal = spy
+    try:
+        _cached_logits(model, ids, mask, positions, (100, 1))
+    finally:
+        decode._Step.outer_causal = original
+    per_token = [keys for j, keys in seen[2 * 2 :]]  # after the prefill (2 layers x 2 hops)
+    assert max(per_token) <= 120 // 16 + 1
+
+
+def test_a_cache_filled_by_other_settings_is_refused():
+    ids, mask, positions = _inputs(9)
+    model = _model(block_sizes=(4,))
+    _, cache = _cached_logits(model, ids, mask, positions, (9,))
+    other = _model(block_sizes=(8,))
+    with torch.no_grad(), pytest.raises(TensorizedCacheError, match="other tensorized-attention settings"):
+        other(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_a_cache_filled_by_full_attention_is_refused():
+    ids, _, _ = _inputs(9)
+    model = tiny_model("llama", "sdpa")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    apply_tensorized(model, ctxext.TensorizedOptions(block_sizes=(4,)))
+    with torch.no_grad(), pytest.raises(TensorizedCacheError, match="not processed by tensorized attention"):
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_a_plain_kv_cache_gets_a_clear_error():
+    model = _model(block_sizes=(4,))
+    ids, _, _ = _inputs(9)
+    cache = DynamicCache()  # no config: plain DynamicLayer, no tensorized state
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(NotImplementedError, match="TensorizedCache"):
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+def test_cropping_a_tensorized_cache_is_refused():
+    model = _model(block_sizes=(4,))
+    ids, mask, positions = _inputs(9)
+    _, cache = _cached_logits(model, ids, mask, positions, (9,))
+    with pytest.raises(TensorizedCacheError, match="cropping"):
+        cache.crop(-2)
+
+
+def test_other_attention_implementations_are_unaffected():
+    model = tiny_model("llama", "sdpa")
+    ids, _, _ = _inputs(12)
+    with torch.no_grad():
+        reference = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, reference)
