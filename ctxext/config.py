@@ -81,12 +81,18 @@ class AccelerateSection:
 
 
 @dataclass
+class ParallelSection:
+    context: int = 1  # ranks sharing one sequence (context parallelism); world size = data-parallel x context
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     accelerate: AccelerateSection = field(default_factory=AccelerateSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,7 +164,9 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
         except yaml.YAMLError as err:
             raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
-            raise RecipeError(f"recipe {path} must be a mapping of sections (model, lora, data, train, accelerate)")
+            raise RecipeError(
+                f"recipe {path} must be a mapping of sections (model, lora, data, train, accelerate, parallel)"
+            )
     for item in overrides:
         try:
             key, value = parse_override(item)
@@ -264,7 +272,49 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"train.precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if recipe.accelerate.config is not None and not Path(recipe.accelerate.config).is_file():
         errors.append(f"accelerate.config: {recipe.accelerate.config} does not exist")
+    errors += _parallel_problems(recipe)
     return errors
+
+
+def _parallel_problems(recipe: Recipe) -> list[str]:
+    """Context parallelism: tensorized attention only, enough outer blocks, processes to share a sequence."""
+    size = recipe.parallel.context
+    if size < 1:
+        return [f"parallel.context: must be >= 1 (ranks per sequence), got {size}"]
+    if size == 1:
+        return []
+    if recipe.model.attention != "tensorized":
+        return [f"parallel.context={size}: context parallelism needs model.attention=tensorized"]
+    from .attention.context_parallel import shard_blocks
+
+    errors = []
+    try:
+        block_sizes = recipe.tensorized_options().block_sizes
+    except ValueError:
+        block_sizes = None  # already reported under model.tensorized
+    if block_sizes is not None:
+        try:
+            shard_blocks(recipe.data.seq_len, size, block_sizes)
+        except ValueError as err:
+            errors.append(f"parallel.context: data.seq_len={recipe.data.seq_len}: {err}")
+    processes = _accelerate_processes(recipe.accelerate.config)  # the launch itself is checked in train.py
+    if processes is not None and processes % size:
+        errors.append(
+            f"parallel.context={size}: accelerate.config {recipe.accelerate.config} launches {processes} "
+            f"processes, not a multiple of {size}"
+        )
+    return errors
+
+
+def _accelerate_processes(path: str | None) -> int | None:
+    """``num_processes`` of an accelerate config file, None when unknown."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        value = (yaml.safe_load(Path(path).read_text()) or {}).get("num_processes")
+    except yaml.YAMLError:
+        return None
+    return value if isinstance(value, int) else None
 
 
 def dump(recipe: Recipe) -> str:

@@ -22,9 +22,10 @@ import torch
 import yaml
 
 from .atomic import atomic_directory
+from .attention.context_parallel import context_parallel
 from .config import Recipe, dump
 from .data import TokenBlocks, batch_indices, build_blocks
-from .loss import sequence_nll
+from .loss import chunked_token_nll, sequence_nll
 
 DEFAULT_TARGETS = {
     "phi3": ["qkv_proj", "o_proj"],
@@ -53,21 +54,123 @@ class FinetuneResult:
     interrupted: bool = False
 
 
+@dataclass
+class ContextGroup:
+    """This process's place in context parallelism: ``size`` ranks share each sequence.
+
+    Ranks ``[d * size, (d + 1) * size)`` form context group d (``data_rank`` d of
+    ``data_size`` data-parallel replicas); ``rank`` is the position inside the group, which
+    selects the shard of tokens (``context_parallel.shard_ranges``).
+    """
+
+    group: object  # torch.distributed process group of the context group
+    rank: int
+    size: int
+    data_rank: int
+    data_size: int
+    block_sizes: tuple[int, ...]
+
+
 class CausalLMLoss(torch.nn.Module):
     """Wraps a (peft) causal LM so that ``forward(input_ids)`` returns the mean next-token loss.
 
     The LM head runs in checkpointed chunks (``loss.chunked_token_nll``), so full-sequence
-    logits never exist; wrapping keeps the forward inside DDP/FSDP for gradient sync.
+    logits never exist; wrapping keeps the forward inside DDP/FSDP for gradient sync. With a
+    :class:`ContextGroup`, the forward runs this rank's shard of the tokens (see
+    :func:`context_shard_loss`).
     """
 
-    def __init__(self, model, chunk: int):
+    def __init__(self, model, chunk: int, context: ContextGroup | None = None):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        self.context = context
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if self.context is not None:
+            return context_shard_loss(base, input_ids, self.context, self.chunk)
         return sequence_nll(base, input_ids, chunk=self.chunk).mean()
+
+
+def context_shard_nll(model, input_ids: torch.Tensor, rank: int, size: int, block_sizes, chunk: int) -> torch.Tensor:
+    """Next-token NLL ``(B, e - s)`` of this rank's tokens ``[s, e)`` of ``input_ids`` ``(B, N)`` (whole sequences).
+
+    The rank runs its shard (``context_parallel.shard_ranges``) at its global positions;
+    attention is context-parallel while ``context_parallel.context_parallel`` is active. The
+    targets are ``input_ids[:, s+1 : e+1]``, so the last rank scores one token fewer.
+    """
+    from .attention.context_parallel import shard_ranges
+
+    batch, n = input_ids.shape
+    start, end = shard_ranges(n, size, tuple(block_sizes))[rank]
+    positions = torch.arange(start, end, device=input_ids.device)[None].expand(batch, -1)
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = backbone(input_ids=input_ids[:, start:end], position_ids=positions, use_cache=False).last_hidden_state
+    labels = input_ids[:, start + 1 : end + 1]  # (B, e - s) or one fewer on the last rank
+    return chunked_token_nll(model, hidden[:, : labels.shape[1]], labels, chunk=chunk)
+
+
+def context_shard_loss(model, input_ids: torch.Tensor, context: ContextGroup, chunk: int) -> torch.Tensor:
+    """This rank's share of the mean next-token loss of ``input_ids`` ``(B, N)``.
+
+    Returns ``size * sum(shard nll) / (B * (N - 1))``: the losses of a group sum to ``size``
+    times the full-sequence mean. Why: DDP averages gradients over all ``data_size * size``
+    ranks, and the gradients of a group's ranks sum to the gradient of the sum of their
+    losses (attention's collectives carry every rank's share back to the shards that caused
+    it), so the average is ``(1 / data_size) * sum_d grad(mean loss of group d)``: the
+    single-process gradient of the full sequences, averaged over data-parallel replicas
+    only. The mean of the returned losses over all ranks is the mean full-sequence loss.
+    """
+    batch, n = input_ids.shape
+    nll = context_shard_nll(model, input_ids, context.rank, context.size, context.block_sizes, chunk)
+    return nll.sum() * (context.size / (batch * (n - 1)))
+
+
+def setup_context_groups(accelerator, recipe: Recipe) -> ContextGroup | None:
+    """Split the launched processes into context groups of ``parallel.context`` ranks (None: size 1).
+
+    Every process creates every group (``torch.distributed.new_group`` is collective).
+    """
+    size = recipe.parallel.context
+    if size == 1:
+        return None
+    world = accelerator.num_processes
+    if world % size or world == 1:
+        raise FinetuneError(
+            f"parallel.context={size}: {world} process(es) were launched; context parallelism needs a multiple of "
+            f"{size}. Set accelerate.config to a launcher config whose num_processes is a multiple of {size} "
+            "(e.g. recipes/accelerate/cpu-2proc.yaml) and run ctxext finetune, which launches through Accelerate"
+        )
+    import torch.distributed as dist
+
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
+    me = accelerator.process_index
+    return ContextGroup(
+        group=groups[me // size],
+        rank=me % size,
+        size=size,
+        data_rank=me // size,
+        data_size=world // size,
+        block_sizes=recipe.tensorized_options().block_sizes,
+    )
+
+
+def check_context_parallel_model(model, size: int) -> None:
+    """Refuse models that context parallelism over ``size`` ranks would run wrongly: sliding-window
+    layers run exact local attention on each shard, blind to the previous rank's tokens."""
+    if size == 1:
+        return
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = any("sliding" in str(t) for t in layer_types)
+    if not layer_types:
+        sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if sliding:
+        raise FinetuneError(
+            f"parallel.context={size}: {type(model).__name__} has sliding-window attention layers, which "
+            "context parallelism does not shard yet; use parallel.context=1 for this model"
+        )
 
 
 # ---------------------------------------------------------------- setup
@@ -331,9 +434,14 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     )
     main = accelerator.is_main_process
     set_seed(t.seed)
+    context = setup_context_groups(accelerator, recipe)
+    data_rank, data_size = (
+        (context.data_rank, context.data_size) if context else (accelerator.process_index, accelerator.num_processes)
+    )
 
     # ---- setup
     model, tokenizer = load_base_model(recipe)
+    check_context_parallel_model(model, recipe.parallel.context)
     cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else output_dir.parent / ".cache" / "ctxext-data"
     with accelerator.main_process_first():
         blocks: TokenBlocks = build_blocks(recipe.data, tokenizer, cache_dir)
@@ -344,7 +452,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
     scheduler = make_scheduler(recipe, optimizer)
-    wrapped = CausalLMLoss(model, t.loss_chunk)
+    wrapped = CausalLMLoss(model, t.loss_chunk, context)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     step, losses = 0, []
     if main:
@@ -356,16 +464,19 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     if trackers:
         accelerator.init_trackers("ctxext", config=_flat(recipe.to_dict()))
 
-    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
+    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * data_size
     metrics_path = output_dir / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, disable=not main, desc="finetune", unit="step", dynamic_ncols=True)
     interrupted = False
     start_time, start_step = time.time(), step
+    parallel = contextlib.ExitStack()
+    if context is not None:  # attention runs over the group in forward and backward (checkpoint recompute)
+        parallel.enter_context(context_parallel(context.group))
     try:
         while step < t.steps:
             micro_losses = []
             for micro in range(t.grad_accum):
-                index = (step * t.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+                index = (step * t.grad_accum + micro) * data_size + data_rank
                 idx = batch_indices(len(blocks), recipe.data.seed, index, t.batch_size)
                 batch = torch.from_numpy(blocks.blocks[idx]).to(accelerator.device)
                 sync = contextlib.nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(wrapped)
@@ -417,6 +528,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
             )
             log(f"interrupted: saved {path}; continue with train.resume=true")
     finally:
+        parallel.close()
         bar.close()
 
     model = accelerator.unwrap_model(wrapped).model

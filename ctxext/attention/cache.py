@@ -181,16 +181,17 @@ def cached_tensorized_attention(
             f"cache out of step: its tensorized state covers {state.tokens_seen} tokens but k/v hold {past} before "
             "this call; the cache was modified outside tensorized attention"
         )
-    real = torch.ones(b, n_new, dtype=torch.bool, device=q.device)
+    real = None  # (B, Q) bool, None when every new token is real
     if padding_mask is not None:
         real = padding_mask[:, -n_new:].to(device=q.device, dtype=torch.bool)
+    given_positions = position_ids is not None
     if position_ids is None:
         position_ids = torch.arange(past, total, device=q.device)[None]
     position_ids = position_ids.to(q.device).expand(b, n_new)
-    token_index = torch.arange(past, total, device=q.device)
+    if given_positions and state.tokens_seen:
+        _check_positions_continue(state, position_ids, real)
 
     fresh = past == 0 and (opts.causal == "complete" or not opts.long_range)
-    out = None
     if fresh:  # a first prefill: the batched operator gives the outputs, the state is built beside it
         out = tensorized_attention_with_options(
             q,
@@ -198,36 +199,57 @@ def cached_tensorized_attention(
             v,
             opts,
             position_ids=position_ids,
-            padding_mask=real if not bool(real.all()) else None,
+            padding_mask=real if real is not None and not bool(real.all()) else None,
             scaling=scaling,
             softcap=softcap,
             rope_inv_freq=inv_freq,
         )
     else:
         out = q.new_zeros(b, hq, n_new, d)
-    for row_index, row in enumerate(state.rows):
-        sel = real[row_index].nonzero().flatten()
-        if sel.numel() == 0:
-            continue
-        pos = position_ids[row_index, sel]
-        last = row.last_position()
-        if last is not None and float(pos[0]) <= last:
-            raise ValueError(
-                f"position ids must keep increasing across cached calls: row {row_index} continues at "
-                f"{int(pos[0])} after {int(last)}"
-            )
-        with torch.no_grad():
+    with torch.no_grad():
+        for row_index, row in enumerate(state.rows):
+            if real is None:  # every new token is real: no device round trip
+                sel, tok, tok_first = slice(None), torch.arange(past, total, device=q.device), past
+            else:
+                sel = real[row_index].nonzero().flatten()
+                if sel.numel() == 0:
+                    continue
+                tok, tok_first = sel + past, None
             row_out = extend_row(
                 row,
                 k[row_index],
                 v[row_index],
                 q[row_index, :, sel].detach(),
-                token_index[sel],
-                pos,
+                tok,
+                position_ids[row_index, sel],
                 inv_freq,
+                tok_first=tok_first,
                 want_outputs=not fresh,
             )
-        if not fresh:
-            out[row_index, :, sel] = row_out.to(out.dtype)
+            if not fresh:
+                out[row_index, :, sel] = row_out.to(out.dtype)
     state.tokens_seen = total
     return out
+
+
+_checked_positions: list[weakref.ref] = []  # the position ids last checked (one check per forward, not per layer)
+
+
+def _check_positions_continue(state: TensorizedDecodeState, position_ids: torch.Tensor, real) -> None:
+    """Position ids of a cached call must continue each row's: checked once per forward pass."""
+    if _checked_positions and _checked_positions[0]() is position_ids:
+        return
+    first_real = torch.zeros(len(state.rows), dtype=torch.long, device=position_ids.device)
+    if real is not None:
+        first_real = torch.where(real.any(-1), real.long().argmax(-1), torch.full_like(first_real, -1))
+    new = position_ids.gather(1, first_real.clamp(min=0)[:, None])[:, 0].float()
+    empty = torch.full((), float("-inf"), device=position_ids.device)
+    last = torch.stack([row.pos.data[0, row.pos.size - 1] if row.pos.size else empty for row in state.rows])
+    bad = (new <= last) & (first_real >= 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"position ids must keep increasing across cached calls: row {row} continues at {int(new[row])} "
+            f"after {int(last[row])}"
+        )
+    _checked_positions[:] = [weakref.ref(position_ids)]

@@ -102,9 +102,6 @@ class RowState:
         self.streams = [SlotBuffer(geo.n_heads, (geo.head_dim,), dtype, device) for _ in range(levels)]
         self.lses = [SlotBuffer(geo.n_heads, (), torch.float32, device) for _ in range(levels)] if geo.keeps_lse else []
 
-    def last_position(self) -> float | None:
-        return float(self.pos.data[0, self.pos.size - 1]) if self.n_slots else None
-
     def clone(self) -> RowState:
         other = RowState.__new__(RowState)
         other.geo, other.n_slots = self.geo, self.n_slots
@@ -161,12 +158,15 @@ class _Step:
 
     # ---- the causal stream of new queries -------------------------------------------------
 
-    def local_causal(self, q: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local hop of queries at ``slots`` ((Q,) long); q: ``(Hq, Q, D)``. Returns C, lse_C."""
+    def local_causal(self, q: torch.Tensor, slots: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local hop of queries at ``slots`` ((Q,) long, ``slots[0] == first``); q: ``(Hq, Q, D)``.
+
+        Returns the causal stream C ``(Hq, Q, D)`` and its lse ``(Hq, Q)``.
+        """
         n = self.opts.inner_block
         window = self.opts.local == "window"
         if len(slots) == 1 and self.row.contiguous and self.opts.sinks == 0:
-            return self._local_causal_one(q, int(slots[0]), n, window)
+            return self._local_causal_one(q, first, n, window)
         width = 2 * n if window else n
         block_start = torch.div(slots, n, rounding_mode="floor") * n
         start = torch.where(block_start > 0, block_start - n, block_start) if window else block_start
@@ -204,11 +204,13 @@ class _Step:
         out = torch.einsum("hgw,hwd->hgd", probs, v)
         return out.flatten(0, 1)[:, None], torch.logsumexp(s, dim=-1).flatten(0, 1)[:, None]
 
-    def outer_causal(self, j: int, q, slots, C, lse_C) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal stream of outer hop j for queries at ``slots``; q, C: ``(Hq, Q, D)``."""
+    def outer_causal(self, j: int, q, slots, C, lse_C, reach: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal stream of outer hop j for queries at ``slots``; q, C: ``(Hq, Q, D)``.
+
+        reach: the largest coordinate ``i_j`` among the slots (known on the host: no sync).
+        """
         stride = self.geo.strides[j]
         i = self.geo.coordinate(slots, j)  # (Q,)
-        reach = int(i.max())
         t = torch.arange(1, reach + 1, device=slots.device)
         ok = t[None, :] <= i[:, None]  # (Q, T)
         stream = self.row.streams[j]
@@ -297,14 +299,32 @@ def _groups(total: int, per_item: int):
         yield slice(a, min(total, a + step))
 
 
-def append_slots(row: RowState, tok: torch.Tensor, pos: torch.Tensor, q: torch.Tensor | None) -> int:
-    """Register new real tokens on the next slots; returns the first new slot."""
+def max_coordinate(geo: LayerGeometry, first: int, stop: int, j: int) -> int:
+    """The largest ``i_j`` among slots ``[first, stop)``, computed on the host."""
+    lo, hi = first // geo.strides[j], (stop - 1) // geo.strides[j]
+    if j == 0:
+        return hi
+    n = geo.axis_size(j)
+    return n - 1 if hi - lo + 1 >= n else max(b % n for b in range(lo, hi + 1))
+
+
+def append_slots(
+    row: RowState, tok: torch.Tensor, pos: torch.Tensor, q: torch.Tensor | None, tok_first: int | None
+) -> int:
+    """Register new real tokens on the next slots; returns the first new slot.
+
+    tok_first: when the new tokens are the consecutive indices ``tok_first, tok_first + 1, ...``
+    (no padding among them), known on the host; None makes the contiguity check read ``tok``.
+    """
     first = row.n_slots
     if row.contiguous:
-        if row.base is None:
-            row.base = int(tok[0])
-        expected = torch.arange(first, first + tok.shape[0], device=tok.device) + row.base
-        row.contiguous = bool(torch.equal(tok, expected))
+        if tok_first is None:
+            head = int(tok[0])
+            expected = torch.arange(head, head + tok.shape[0], device=tok.device)
+            tok_first = head if torch.equal(tok, expected) else None
+        if row.base is None and tok_first is not None:
+            row.base = tok_first
+        row.contiguous = tok_first is not None and tok_first == row.base + first
     row.tok.extend(tok[None])
     row.pos.extend(pos.to(torch.float32)[None])
     if row.q is not None:
@@ -336,22 +356,28 @@ def complete_blocks(row: RowState, step: _Step, first: int) -> None:
                 row.lses[j].extend(lse)
 
 
-def causal_outputs(row: RowState, step: _Step, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Outputs of new queries at ``slots`` ((Q,), already appended); q: ``(Hq, Q, D)``."""
+def causal_outputs(row: RowState, step: _Step, q: torch.Tensor, first: int) -> torch.Tensor:
+    """Outputs of the new queries on slots ``[first, n_slots)`` (already appended); q: ``(Hq, Q, D)``."""
     geo, opts = row.geo, row.geo.options
     q = q.to(step.compute)
+    slots = torch.arange(first, row.n_slots, device=q.device)
     width = 2 * opts.inner_block + opts.sinks
-    parts = [step.local_causal(q[:, p], slots[p]) for p in _groups(len(slots), width * geo.n_kv_heads * geo.head_dim)]
+    parts = [
+        step.local_causal(q[:, p], slots[p], first + p.start)
+        for p in _groups(len(slots), width * geo.n_kv_heads * geo.head_dim)
+    ]
     C, lse_C = torch.cat([c for c, _ in parts], 1), torch.cat([x for _, x in parts], 1)
     if not opts.long_range:
         return C
     for j in range(len(geo.strides) - 1, -1, -1):
         if opts.causal == "dominance":
-            assert row.streams[j].end == int(slots[0]), "dominance streams must follow the slots"
+            assert row.streams[j].end == first, "dominance streams must follow the slots"
             row.streams[j].extend(C)  # the causal stream entering hop j
-        reach = int(geo.coordinate(slots, j).max()) + 1
+        reach = max_coordinate(geo, first, row.n_slots, j) + 1
         parts = [
-            step.outer_causal(j, q[:, p], slots[p], C[:, p], lse_C[:, p])
+            step.outer_causal(
+                j, q[:, p], slots[p], C[:, p], lse_C[:, p], max_coordinate(geo, first + p.start, first + p.stop, j)
+            )
             for p in _groups(len(slots), reach * geo.n_heads * geo.head_dim * 2)
         ]
         C, lse_C = torch.cat([c for c, _ in parts], 1), torch.cat([x for _, x in parts], 1)
@@ -378,17 +404,18 @@ def extend_row(
     pos: torch.Tensor,
     inv_freq: torch.Tensor | None,
     *,
+    tok_first: int | None = None,
     want_outputs: bool = True,
 ) -> torch.Tensor | None:
     """Process new real tokens of one row; returns their outputs ``(Hq, Q, D)`` (or None).
 
     keys, values: ``(Hkv, T, D)``, this row's k/v in the transformers cache (new tokens
-    included); q: ``(Hq, Q, D)``; tok: ``(Q,)`` their indices in T; pos: ``(Q,)`` RoPE positions.
+    included); q: ``(Hq, Q, D)``; tok: ``(Q,)`` their indices in T; pos: ``(Q,)`` RoPE positions;
+    tok_first: ``tok[0]`` when tok is consecutive and known on the host (saves a device sync).
     """
     step = _Step(row, keys, values, inv_freq)
-    first = append_slots(row, tok, pos, q)
-    slots = torch.arange(first, row.n_slots, device=tok.device)
+    first = append_slots(row, tok, pos, q, tok_first)
     complete_blocks(row, step, first)
-    out = causal_outputs(row, step, q, slots) if want_outputs or row.geo.options.causal == "dominance" else None
+    out = causal_outputs(row, step, q, first) if want_outputs or row.geo.options.causal == "dominance" else None
     forget_finished(row)
     return out

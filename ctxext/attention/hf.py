@@ -21,6 +21,8 @@ import warnings
 
 import torch
 
+from .cache import cached_tensorized_attention, layer_for_keys
+from .context_parallel import active_group, context_parallel_attention
 from .exact import exact_causal_attention
 from .ops import tensorized_attention_with_options
 from .options import TensorizedOptions
@@ -98,8 +100,9 @@ def tensorized_attention_forward(
         warnings.warn("ctxext: attention dropout is ignored by tensorized attention", stacklevel=2)
     if sliding_window is not None:
         # Layers that the model runs with a sliding window keep their exact window.
+        mask = attention_mask[:, -key.shape[-2] :] if attention_mask is not None else None
         out = exact_causal_attention(
-            query, key, value, window=sliding_window, padding_mask=attention_mask, scaling=scaling, softcap=softcap
+            query, key, value, window=sliding_window, padding_mask=mask, scaling=scaling, softcap=softcap
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -108,6 +111,36 @@ def tensorized_attention_forward(
     inv_freq = _inv_freq(config, query.device) if opts.rope == "axis" else None
     if position_ids is not None and position_ids.dim() == 3:
         raise ValueError("tensorized attention does not support multi-dimensional (mrope) position ids")
+    cache_layer = layer_for_keys(key)
+    if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)
+        out = cached_tensorized_attention(
+            cache_layer,
+            query,
+            key,
+            value,
+            opts,
+            padding_mask=attention_mask,
+            position_ids=position_ids,
+            scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
+            softcap=softcap,
+            inv_freq=inv_freq,
+        )
+        return out.transpose(1, 2).contiguous(), None
+    cp_group = active_group()
+    if cp_group is not None:  # context parallel: this rank holds a shard of the sequence (DESIGN.md section 7)
+        out = context_parallel_attention(
+            query,
+            key,
+            value,
+            opts,
+            group=cp_group,
+            position_ids=position_ids,
+            padding_mask=attention_mask,
+            scaling=scaling,
+            softcap=softcap,
+            rope_inv_freq=inv_freq,
+        )
+        return out.transpose(1, 2).contiguous(), None
     out = tensorized_attention_with_options(
         query,
         key,

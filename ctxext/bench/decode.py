@@ -140,7 +140,11 @@ def _model_steps(ctx, model, method, n: int, steps: int) -> dict[str, Any]:
     cache = DynamicCache(config=model.config)
     times = []
     with torch.no_grad():
+        sync(ctx.device)
+        start = time.perf_counter()
         out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync(ctx.device)
+        prefill_s = time.perf_counter() - start
         for step in range(ctx.spec.warmup + steps):
             nxt = out.logits[:, -1:].argmax(-1)
             sync(ctx.device)
@@ -151,6 +155,7 @@ def _model_steps(ctx, model, method, n: int, steps: int) -> dict[str, Any]:
                 times.append(time.perf_counter() - start)
     cell = _summary(times, cache_memory(cache))
     cell["tokens_per_s"] = ctx.spec.batch / cell["mean_s"]
+    cell["prefill_s"] = prefill_s
     return cell
 
 
@@ -174,6 +179,8 @@ def run(ctx) -> list[dict[str, Any]]:
     except Exception as err:  # noqa: BLE001 - OOM or an architecture transformers cannot build
         build_error = f"building the model: {describe_error(err)}"
     cells = []
+    too_slow: dict[str, str] = {}  # model mode: a method whose prefill exceeded --max-call-s skips longer N
+    limit = ctx.spec.max_call_s
     for n in ctx.lengths:
         for mode in MODES:
             for m in methods:
@@ -183,8 +190,14 @@ def run(ctx) -> list[dict[str, Any]]:
                         cell.update(_attention_steps(ctx, m, n, steps))
                     elif model is None:
                         cell.update(median_s=None, peak_mib=None, error=build_error)
+                    elif m.name in too_slow:
+                        cell.update(median_s=None, peak_mib=None, error=too_slow[m.name])
                     else:
                         cell.update(_model_steps(ctx, model, m, n, steps))
+                        if limit and cell["prefill_s"] > limit:
+                            too_slow[m.name] = (
+                                f"skipped: the prefill at N={n} took {cell['prefill_s']:.0f} s > --max-call-s"
+                            )
                 except Exception as err:  # noqa: BLE001 - OOM or a failing backend is this cell's result
                     cell.update(median_s=None, peak_mib=None, error=describe_error(err))
                     release(ctx.device, full=True)

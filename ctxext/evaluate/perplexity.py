@@ -44,12 +44,41 @@ def load_docs(source: str, tokenizer, text_field: str = "text", max_docs: int = 
 
 
 @torch.no_grad()
-def document_nll(model, ids: list[int], chunk: int = 2048) -> tuple[float, int]:
-    """Summed NLL (nats) of tokens 2..L given their prefix, and the number of tokens scored."""
+def document_nll(model, ids: list[int], chunk: int = 2048, group=None) -> tuple[float, int]:
+    """Summed NLL (nats) of tokens 2..L given their prefix, and the number of tokens scored.
+
+    group: a ``torch.distributed`` group whose ranks all call this with the same ``ids`` to
+    score one document context-parallel (each rank runs its shard of the tokens; tensorized
+    attention only); None runs the whole document on this process.
+    """
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
+    if group is not None:
+        return _context_parallel_nll(model, x, chunk, group)
     nll = sequence_nll(model, x, chunk=chunk)
     return float(nll.sum().item()), nll.numel()
+
+
+def _context_parallel_nll(model, x: torch.Tensor, chunk: int, group) -> tuple[float, int]:
+    import torch.distributed as dist
+
+    from ..attention.context_parallel import context_parallel
+    from ..attention.hf import options_from_config
+    from ..train import check_context_parallel_model, context_shard_nll
+
+    if model.config._attn_implementation != "tensorized":
+        raise ValueError(
+            f"context-parallel perplexity needs attn_implementation='tensorized', got "
+            f"{model.config._attn_implementation!r}: other attention would run each shard on its own"
+        )
+    block_sizes = options_from_config(model.config).block_sizes
+    size = dist.get_world_size(group)
+    check_context_parallel_model(model, size)
+    with context_parallel(group):
+        nll = context_shard_nll(model, x, dist.get_rank(group), size, block_sizes, chunk)
+    total = torch.tensor([nll.sum().item(), nll.numel()], dtype=torch.float64, device=x.device)
+    dist.all_reduce(total, group=group)
+    return float(total[0]), int(total[1])
 
 
 def perplexity(total_nll: float, tokens: int) -> float:

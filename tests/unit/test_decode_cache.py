@@ -141,9 +141,10 @@ def test_work_per_token_does_not_grow_with_the_inner_blocks():
     seen = []
     original = decode._Step.outer_causal
 
-    def spy(self, j, q, slots, C, lse_C):
-        seen.append((j, int(self.geo.coordinate(slots, j).max()) + 1))
-        return original(self, j, q, slots, C, lse_C)
+    def spy(self, j, q, slots, C, lse_C, reach):
+        assert reach == int(self.geo.coordinate(slots, j).max())  # computed on the host, no sync
+        seen.append((j, reach + 1))
+        return original(self, j, q, slots, C, lse_C, reach)
 
     model = _model(block_sizes=(4, 4))
     ids, mask, positions = _inputs(120)
@@ -201,3 +202,11 @@ def test_other_attention_implementations_are_unaffected():
         reference = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
         cached = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(cached, reference)
+
+
+def test_positions_must_continue_across_cached_calls():
+    model = _model(block_sizes=(4,))
+    ids, mask, positions = _inputs(9)
+    _, cache = _cached_logits(model, ids, mask, positions, (9,))
+    with torch.no_grad(), pytest.raises(ValueError, match="keep increasing.*continues at 3 after 8"):
+        model(ids[:, :1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[3]]))
