@@ -298,6 +298,9 @@ def evaluate(
         typer.Option(help="Baseline: 'base' (same weights, full attention), 'base+yarn4', or another model."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic tasks.")] = 0,
+    scoring: Annotated[
+        str, typer.Option(help="Retrieval scoring: teacher (forced argmax) or generate (greedy, decode cache).")
+    ] = "teacher",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned work and memory; run nothing.")] = False,
 ) -> None:
@@ -318,6 +321,7 @@ def evaluate(
             seed=seed,
             compare=list(compare or []),
             force=force,
+            scoring=scoring,
         )
     except ValueError as err:
         _fail(f"{err}")
@@ -416,6 +420,68 @@ def push(
 
 
 @app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="Model dir, adapter dir (from finetune), .gguf, Hub id or 'smollm2'.")],
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", "-f", help="Text file with the prompt ('-' reads stdin).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The prompt text (instead of a file).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    max_length: Annotated[
+        int | None, typer.Option(help="Longest prompt + continuation allowed (default: max_position_embeddings).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding, > 0 to sample.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute the whole sequence per token (slow reference).")
+    ] = False,
+) -> None:
+    """Stream a continuation of a (long) prompt, using the tensorized decode cache."""
+    import sys
+
+    import torch
+
+    from .evaluate.runner import EvalError, ModelEntry, load_entry
+    from .generation import GenerationError, generate_text
+    from .models import ModelSourceError, UnsupportedModelError
+
+    if (prompt_file is None) == (prompt is None):
+        _fail("give the prompt with exactly one of --prompt-file FILE or --prompt TEXT")
+        return
+    if prompt_file is not None:
+        if str(prompt_file) == "-":
+            prompt = sys.stdin.read()
+        elif not prompt_file.is_file():
+            _fail(f"--prompt-file {prompt_file}: no such file")
+            return
+        else:
+            prompt = prompt_file.read_text(encoding="utf-8", errors="replace")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        lm, tokenizer = load_entry(ModelEntry(model, model), device)
+        _, stats = generate_text(
+            lm,
+            tokenizer,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            temperature=temperature,
+            seed=seed,
+            use_cache=not no_cache,
+        )
+    except (GenerationError, EvalError, ModelSourceError, UnsupportedModelError) as err:
+        _fail(str(err))
+        return
+    cache = f", cache {stats.cache_multiple:.2f}x a KV cache" if stats.kv_bytes else ""
+    err_console.print(
+        f"\n[{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_seconds:.2f} s; {stats.new_tokens} new "
+        f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s{cache}]",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def version() -> None:
     """Print the versions of ctxext and its main dependencies."""
     import torch
@@ -424,6 +490,99 @@ def version() -> None:
     from . import __version__
 
     console.print(f"ctxext {__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model dir, tiny-random:<arch>, smollm2, a config JSON or a shipped config (llama-3.1-8b).",
+        ),
+    ] = "smollm2",
+    lengths: Annotated[
+        str | None, typer.Option(help="Comma-separated lengths (default: 1k,2k,4k on CPU; 4k,...,128k on CUDA).")
+    ] = None,
+    what: Annotated[
+        str, typer.Option(help="Sections: attention (operator alone), model (whole model), decode (per token).")
+    ] = "attention,model",
+    backends: Annotated[
+        str | None, typer.Option(help="Tensorized backends: torch,triton,reference (default: torch; +triton on CUDA).")
+    ] = None,
+    baselines: Annotated[
+        str | None, typer.Option(help="sdpa,flash2 (default: sdpa; +flash2 where flash_attn runs); sdpa always runs.")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Sequences per call.")] = 1,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, float32 on CPU) | float32 | bf16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    layers: Annotated[
+        int | None, typer.Option(help="Whole-model layers kept (default: all on CUDA, 2 on CPU).")
+    ] = None,
+    block_sizes: Annotated[
+        str | None, typer.Option(help="Tensorized inner axis sizes (default: the model's or 128).")
+    ] = None,
+    causal: Annotated[str | None, typer.Option(help="complete | dominance (default: model's or complete)")] = None,
+    sinks: Annotated[int | None, typer.Option(help="Tensorized attention sinks.")] = None,
+    local: Annotated[str | None, typer.Option(help="block | window")] = None,
+    merge: Annotated[str | None, typer.Option(help="score | lse")] = None,
+    grad_checkpointing: Annotated[
+        str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per cell (the first one measures memory).")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed calls per cell (median reported).")] = 3,
+    threads: Annotated[int | None, typer.Option(help="CPU: torch threads (default: torch's, one per core).")] = None,
+    max_call_s: Annotated[
+        float | None, typer.Option(help="Skip a method's longer lengths once one of its calls takes longer (s).")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Writes bench.md, bench.json, bench.png here.")] = Path(
+        "runs/bench"
+    ),
+) -> None:
+    """Time and peak memory of tensorized attention vs SDPA (and FlashAttention-2), operator and whole model."""
+    from .bench.runner import BenchError, BenchSpec, command_line, run_bench
+
+    options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge}
+    try:
+        if block_sizes is not None:
+            options["block_sizes"] = parse_block_sizes(block_sizes)
+    except ValueError as err:
+        _fail(str(err))
+        return
+    spec = BenchSpec(
+        model=model,
+        lengths=lengths,
+        what=what,
+        backends=backends,
+        baselines=baselines,
+        batch=batch,
+        dtype=dtype,
+        device=device,
+        layers=layers,
+        options={k: v for k, v in options.items() if v is not None},
+        grad_checkpointing=grad_checkpointing,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        max_call_s=max_call_s,
+        out=out,
+    )
+    try:
+        result = run_bench(
+            spec, log=lambda msg: console.print(msg, highlight=False, markup=False), command=command_line(spec)
+        )
+    except BenchError as err:
+        _fail(str(err))
+        return
+    from .bench.report import markdown
+
+    print()
+    print(markdown(result))  # plain: a markdown table to paste
+    failed = sum(1 for c in result["cells"] if c.get("error"))
+    if failed:
+        err_console.print(f"[yellow]warning:[/] {failed} of {len(result['cells'])} cells failed; see the error column")
+    console.print(f"Wrote {', '.join(result['outputs'].values())}", highlight=False)
 
 
 if __name__ == "__main__":
