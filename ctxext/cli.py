@@ -60,7 +60,7 @@ def convert(
     rope: Annotated[str, typer.Option(help="absolute | axis")] = "absolute",
     sinks: Annotated[int, typer.Option(help="Leading tokens every query sees exactly.")] = 0,
     local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "block",
-    merge: Annotated[str, typer.Option(help="score | lse")] = "score",
+    merge: Annotated[str, typer.Option(help="score | lse | mass")] = "score",
     long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
@@ -526,7 +526,7 @@ def bench(
     causal: Annotated[str | None, typer.Option(help="complete | dominance (default: model's or complete)")] = None,
     sinks: Annotated[int | None, typer.Option(help="Tensorized attention sinks.")] = None,
     local: Annotated[str | None, typer.Option(help="block | window")] = None,
-    merge: Annotated[str | None, typer.Option(help="score | lse")] = None,
+    merge: Annotated[str | None, typer.Option(help="score | lse | mass")] = None,
     grad_checkpointing: Annotated[
         str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
     ] = None,

@@ -306,7 +306,7 @@ def context_parallel_attention(
     ks, vs = (F.pad(x.to(compute), (0, 0, 0, pad)) for x in (k, v))  # (B, Hkv, Ls, D)
     pos = _slot_positions(position_ids, batch, n_local, slot_start, n_slots, q.device, compute)  # (B, Ls)
     valid = None if pad == 0 else (torch.arange(n_slots, device=q.device) < n_local)[None].expand(batch, -1)
-    need_lse = opts.merge == "lse" and opts.long_range
+    need_lse = opts.merge != "score" and opts.long_range
     inv_freq = rope_inv_freq
 
     # ---- 2. local hop, with the sink and window slots of other ranks placed before the shard

@@ -11,7 +11,7 @@ by ``p``'s own causal stream so far. What ``S_j`` is:
   ``j+1``). It is final once ``p``'s level-``j`` sub-block (the ``s_j`` slots sharing
   ``i_0..i_j``) is complete, and is computed then, for the whole sub-block at once, from the
   queries of that sub-block (kept until the outermost sub-block of ``s_0`` slots completes)
-  and ``S_{j+1}``. With ``merge="lse"`` the log-sum-exp of each stream is kept too.
+  and ``S_{j+1}``. With ``merge="lse"`` or ``"mass"`` the log-sum-exp of each stream is kept too.
 * ``dominance``: the *causal* stream entering hop ``j``, final as soon as ``p`` is
   processed; appended per token.
 
@@ -71,7 +71,7 @@ class LayerGeometry:
 
     @property
     def keeps_lse(self) -> bool:
-        return self.keeps_full_streams and self.options.merge == "lse"
+        return self.keeps_full_streams and self.options.merge != "score"
 
     def axis_size(self, j: int) -> int:
         """``n_j`` for inner axes ``j >= 1`` (the outermost axis is unbounded)."""
@@ -227,7 +227,9 @@ class _Step:
             k_self = rerotate(k_self, i.to(self.compute) - self.positions(slots), self.inv_freq)
         qg = self.grouped(qj)  # (Hkv, g, Q, D)
         s = self.score(torch.einsum("hgqd,hqtd->hgqt", qg, k))
-        if self.opts.merge == "lse":
+        if self.opts.merge == "mass":  # each earlier entry summarises the s_j slots of its sub-block
+            s = s + math.log(stride)
+        if self.opts.merge != "score":
             diag = self.grouped(lse_C)  # (Hkv, g, Q)
         else:
             diag = self.score(torch.einsum("hgqd,hqd->hgq", qg, k_self))
@@ -280,7 +282,9 @@ class _Step:
             delta = i.to(self.compute) - self.positions(slots)
             q, k = rerotate(q, delta, self.inv_freq), rerotate(k, delta, self.inv_freq)
         s = self.score(torch.einsum("hgbcqd,hbckd->hgbcqk", self.grouped(q), k))
-        if self.opts.merge == "lse":  # the diagonal carries the mass the lower hop summarised
+        if self.opts.merge == "mass":  # each entry summarises the c slots of its sub-block
+            s = s + math.log(c)
+        if self.opts.merge != "score":  # the diagonal carries the mass the lower hop summarised
             lse_in = self.grouped(self.row.lses[j + 1].gather(slots))  # (Hkv, g, G, c, n1)
             eye = torch.eye(n1, dtype=torch.bool, device=dev)
             s = torch.where(eye, lse_in[..., None], s)

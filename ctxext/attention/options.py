@@ -13,7 +13,7 @@ from typing import Any
 CAUSAL_MODES = ("complete", "dominance")
 ROPE_MODES = ("absolute", "axis")
 LOCAL_MODES = ("block", "window")
-MERGE_MODES = ("score", "lse")
+MERGE_MODES = ("score", "lse", "mass")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
@@ -31,8 +31,9 @@ class TensorizedOptions:
     sinks: number of leading tokens every query's local softmax sees exactly.
     local: ``block`` (causal part of the own inner block) or ``window`` (plus the whole
         previous inner block).
-    merge: ``score`` (the diagonal of an outer hop is scored by q.k) or ``lse`` (by the
-        log-sum-exp of what the lower hop summarised).
+    merge: ``score`` (the diagonal of an outer hop is scored by q.k), ``lse`` (by the
+        log-sum-exp of what the lower hop summarised) or ``mass`` (``lse``, and every other
+        fiber entry, a summary of ``s_j`` tokens, scored ``q.k + log(s_j)``; ``complete`` only).
     long_range: False keeps only the local hop (the window-only control).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
@@ -100,6 +101,8 @@ class TensorizedOptions:
             value = getattr(self, key)
             if value not in allowed:
                 errors.append(f"{where}.{key}: unknown mode {value!r}; choose one of {', '.join(allowed)}")
+        if self.merge == "mass" and self.causal != "complete":
+            errors.append(f"{where}.merge: 'mass' needs causal='complete' (got causal={self.causal!r}); use 'lse'")
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             errors.append(f"{where}.sinks: expected a non-negative integer, got {self.sinks!r}")
         if not isinstance(self.long_range, bool):

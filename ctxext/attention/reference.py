@@ -18,7 +18,10 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   - ``complete`` causal stream: keys with ``i_j' < i_j`` valued by the previous *full*
     stream, plus the diagonal valued by the previous *causal* stream.
   With ``merge="lse"`` the diagonal's score is the log-sum-exp of the scores the lower
-  hop's stream summarised (the mass of its summary) instead of ``q_p . k_p``.
+  hop's stream summarised (the mass of its summary) instead of ``q_p . k_p``. With
+  ``merge="mass"`` (``complete`` only) the diagonal is scored so too, and every other fiber
+  entry, whose full stream summarises the ``s_j`` slots of its sub-block, gets
+  ``q . k + log(s_j)``: as if each of those slots had its representative's score.
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -159,9 +162,12 @@ def reference_tensorized_attention(
             query_ok = valid[:, p : p + 1]
 
             def diag_score(lse_in: torch.Tensor) -> torch.Tensor:
-                if opts.merge == "lse":
+                if opts.merge != "score":
                     return lse_in[:, :, p : p + 1]
                 return s_all[..., diag : diag + 1]
+
+            if opts.merge == "mass":  # every other entry summarises the s_j slots of its sub-block
+                s_all = s_all + math.log(strides[j])
 
             if complete:
                 earlier = [c for c, (t, _) in enumerate(fiber) if t < i]

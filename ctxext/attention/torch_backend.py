@@ -178,8 +178,8 @@ def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOption
     fibered = {
         "C": _to_fibers(C, hkv, axes, j),
         "F": _to_fibers(Fs, hkv, axes, j) if complete else None,
-        "lse_C": _lse_to_fibers(lse_C, hkv, axes, j) if opts.merge == "lse" else None,
-        "lse_F": _lse_to_fibers(lse_F, hkv, axes, j) if opts.merge == "lse" and complete else None,
+        "lse_C": _lse_to_fibers(lse_C, hkv, axes, j) if opts.merge != "score" else None,
+        "lse_F": _lse_to_fibers(lse_F, hkv, axes, j) if opts.merge != "score" and complete else None,
     }
     step = c
     tracked = [x for x in (qf, kf, *fibered.values()) if x is not None]
@@ -198,6 +198,7 @@ def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOption
                 softcap,
                 last,
                 need_lse,
+                math.log(c) if opts.merge == "mass" else 0.0,
             )
         )
     results = []
@@ -211,12 +212,14 @@ def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOption
     return tuple(results)
 
 
-def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: bool, need_lse):
+def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: bool, need_lse, far_bias: float = 0.0):
     """One group of fibers. qf: ``(B, Hkv, A, c, g, n, D)``; kf: ``(B, Hkv, A, c, n, D)``;
     streams: fibered C, F ``(B, Hkv, A, c, g, n, D)`` and lse ``(B, Hkv, A, c, g, n)``;
     ok: ``(B, A, c, n)`` or None. Returns fibered (C, lse_C, F, lse_F)."""
     b, hkv, a, c, g, n, d = qf.shape
     s = _softcap(qf.reshape(b, hkv, a, c, g * n, d) @ kf.transpose(-1, -2), softcap).view(b, hkv, a, c, g, n, n)
+    if far_bias:
+        s = s + far_bias  # merge="mass": each entry summarises far_bias = log(s_j) slots (diagonal replaced below)
     i = torch.arange(n, device=qf.device)
     eye = i[:, None] == i[None, :]
     key_ok = None if ok is None else ok[:, None, :, :, None, None, :]
@@ -230,7 +233,7 @@ def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: b
         return mask | (eye & query_bad)
 
     def with_diag(lse_in):
-        return torch.where(eye, lse_in[..., None], s) if opts.merge == "lse" else s
+        return torch.where(eye, lse_in[..., None], s) if opts.merge != "score" else s
 
     if opts.causal == "dominance":
         probs, lse = softmax_rows(with_diag(streams["lse_C"]), keys(i[None, :] <= i[:, None]), need_lse and not last)
@@ -283,7 +286,7 @@ def torch_tensorized_attention(
     q = q.to(compute) * scaling  # fold the score scale into q once: O(N D), not O(N n)
     q, k, v = (F.pad(x.to(compute), (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, Lp, D)
     valid = None if all_valid else F.pad(valid, (0, pad))
-    need_lse = opts.merge == "lse" and opts.long_range
+    need_lse = opts.merge != "score" and opts.long_range
     slots = torch.arange(lp, device=q.device)
     if positions is None:
         positions = slots[None].expand(b, lp)

@@ -74,7 +74,7 @@ def tensorized_hop_bytes(
     slots = math.prod(axes)
     q = batch * hq * slots * d * elem_bytes  # one (B, Hq, L, D) tensor
     k = batch * hkv * slots * d * elem_bytes  # one (B, Hkv, L, D) tensor
-    lse = batch * hq * slots * elem_bytes if options.merge == "lse" else 0  # one (B, Hq, L) tensor
+    lse = batch * hq * slots * elem_bytes if options.merge != "score" else 0  # one (B, Hq, L) tensor
     complete = options.causal == "complete"
     outer = len(axes) - 1 if options.long_range else 0
     hops = []

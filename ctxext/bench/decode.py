@@ -73,44 +73,27 @@ def _attention_steps(ctx, method, n: int, steps: int) -> dict[str, Any]:
 
     opts = ctx.options if method.backend is None else dataclasses.replace(ctx.options, backend=method.backend)
     scaling = d**-0.5
+    inv_freq = _inv_freq(ctx, opts)
     tensorized = method.kind == "tensorized"
     layer = TensorizedCacheLayer() if tensorized else DynamicLayer()
+
+    def attend(q, keys, values):
+        if tensorized:
+            kwargs = dict(padding_mask=None, position_ids=None, softcap=None, inv_freq=inv_freq)
+            return cached_tensorized_attention(layer, q, keys, values, opts, scaling=scaling, **kwargs)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=hq != hkv)
+
     keys, values = layer.update(rand(hkv, n), rand(hkv, n))
     with torch.no_grad():
         if tensorized:  # the prefill builds the decode state (full streams of completed blocks)
-            cached_tensorized_attention(
-                layer,
-                rand(hq, n),
-                keys,
-                values,
-                opts,
-                padding_mask=None,
-                position_ids=None,
-                scaling=scaling,
-                softcap=None,
-                inv_freq=_inv_freq(ctx, opts),
-            )
+            attend(rand(hq, n), keys, values)
         times = []
         for step in range(ctx.spec.warmup + steps):  # the first calls warm up and are not kept
             q = rand(hq, 1)
             keys, values = layer.update(rand(hkv, 1), rand(hkv, 1))
             sync(dev)
             start = time.perf_counter()
-            if tensorized:
-                cached_tensorized_attention(
-                    layer,
-                    q,
-                    keys,
-                    values,
-                    opts,
-                    padding_mask=None,
-                    position_ids=None,
-                    scaling=scaling,
-                    softcap=None,
-                    inv_freq=_inv_freq(ctx, opts),
-                )
-            else:
-                F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=hq != hkv)
+            attend(q, keys, values)
             sync(dev)
             if step >= ctx.spec.warmup:
                 times.append(time.perf_counter() - start)

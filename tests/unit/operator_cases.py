@@ -23,7 +23,7 @@ CAUSAL = ("complete", "dominance")
 ROPE = ("absolute", "axis")
 SINKS = (0, 3)
 LOCAL = ("block", "window")
-MERGE = ("score", "lse")
+MERGE = ("score", "lse", "mass")
 LONG_RANGE = (True, False)
 
 OPTION_KEYS = ("causal", "rope", "sinks", "local", "merge", "long_range")
@@ -55,7 +55,8 @@ def option_id(o: dict) -> str:
 def option_matrix(**fixed) -> list[dict]:
     """The full product of the operator switches, with some keys pinned by ``fixed``."""
     levels = [(fixed[key],) if key in fixed else lv for key, lv in zip(OPTION_KEYS, _LEVELS)]
-    return [dict(zip(OPTION_KEYS, combo)) for combo in itertools.product(*levels)]
+    combos = [dict(zip(OPTION_KEYS, combo)) for combo in itertools.product(*levels)]
+    return [o for o in combos if not (o["merge"] == "mass" and o["causal"] == "dominance")]  # complete only
 
 
 def pairwise_options() -> list[dict]:

@@ -220,6 +220,7 @@ def test_two_ranks_match_one_process(tmp_path):
         _case(43, 4, 2, seed=6, sinks=3, local="window", merge="lse", rope="axis"),
         _case(43, 6, 3, seed=7, causal="dominance", sinks=5, local="window", merge="lse", rope="axis"),
         _case(26, 4, 2, seed=8, sinks=2, local="window", long_range=False),
+        _case(45, 4, 2, seed=9, sinks=2, merge="mass", block_sizes=[4, 2]),
     ]
     cases[0]["softcap"], cases[0]["scaling"] = 1.5, 0.3
     cases[6]["positions"] = torch.arange(43, dtype=torch.long)[None] * 2 + 5  # RoPE positions != slots

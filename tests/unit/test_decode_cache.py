@@ -25,6 +25,7 @@ SETTINGS = {
     "dominance-axis-rope": dict(block_sizes=(4,), causal="dominance", rope="axis"),
     "all-options": dict(block_sizes=(4, 3), rope="axis", merge="lse", sinks=2, local="window"),
     "dominance-all-options": dict(block_sizes=(4, 3), causal="dominance", rope="axis", merge="lse", sinks=2),
+    "mass-3axes": dict(block_sizes=(4, 3), merge="mass", sinks=2, local="window"),
     "window-only": dict(block_sizes=(4,), long_range=False, sinks=1, local="window"),
 }
 SCHEDULES = {"token-by-token": (1,), "uneven-chunks": (5, 1, 3), "prompt-then-tokens": (13, 1)}

@@ -29,9 +29,9 @@ def test_public_exports():
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_fewer_queries_than_keys_points_to_use_cache_false(backend):
+def test_fewer_queries_than_keys_points_to_the_tensorized_cache(backend):
     q, k, v = qkv(n=9)
-    with pytest.raises(NotImplementedError, match="decode cache") as info:
+    with pytest.raises(NotImplementedError, match="ctxext.TensorizedCache") as info:
         tensorized_attention(q[:, :, -1:], k, v, backend=backend)
     assert "use_cache=False" in str(info.value)
     assert "1 queries but 9 keys" in str(info.value)
@@ -248,3 +248,8 @@ def test_inputs_are_not_modified():
     tensorized_attention(q, k, v, block_sizes=(3, 4), padding_mask=mask, position_ids=pos, sinks=2)
     for x, c in zip((q, k, v), copies):
         assert torch.equal(x, c)
+
+
+def test_mass_merge_needs_complete_mode():
+    with pytest.raises(TensorizedConfigError, match="merge: 'mass' needs causal='complete'"):
+        TensorizedOptions(causal="dominance", merge="mass").validate()

@@ -29,6 +29,7 @@ GRADCHECK_CASES = {
     ),
     "b3x2-dominance-axis-lse-window": ((3, 2), dict(causal="dominance", rope="axis", merge="lse", local="window")),
     "b3x2-dominance-s1": ((3, 2), dict(causal="dominance", sinks=1)),
+    "b3x2-complete-mass-s2": ((3, 2), dict(causal="complete", merge="mass", sinks=2)),
     "b3x2-localonly-window-s1": ((3, 2), dict(causal="complete", long_range=False, local="window", sinks=1)),
 }
 

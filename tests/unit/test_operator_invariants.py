@@ -140,7 +140,9 @@ def two_block_closed_form(q, k, v, n_m, opts, scaling):
             continue
         e = p - n_m  # the earlier fiber element (0, i_2)
         s_e = scaling * (qo[:, :, p] * ko[:, :, e]).sum(-1)
-        diag = lse_C[p] if opts["merge"] == "lse" else scaling * (qo[:, :, p] * ko[:, :, p]).sum(-1)
+        if opts["merge"] == "mass":  # the earlier entry summarises the n_m slots of its block
+            s_e = s_e + math.log(n_m)
+        diag = lse_C[p] if opts["merge"] != "score" else scaling * (qo[:, :, p] * ko[:, :, p]).sum(-1)
         w = torch.softmax(torch.stack([s_e, diag], -1), -1)
         earlier = F[e] if opts["causal"] == "complete" else C[e]
         out.append(w[..., :1] * earlier + w[..., 1:] * C[p])
@@ -441,7 +443,7 @@ def test_reach_complete_reference(case):
 def test_reach_dominance_is_the_dominance_set(case, rope, backend):
     block_sizes, n = case
     expected = oc.dominance_set(n, block_sizes)
-    for merge in oc.MERGE:
+    for merge in ("score", "lse"):  # mass is complete-only
         w = slot_weights(backend, block_sizes, dict(causal="dominance", rope=rope, merge=merge), n)
         assert_support(w, expected, f"dominance reach merge={merge}")
     if len(block_sizes) == 1:  # the design's example: a block's first token sees only first tokens of earlier blocks
@@ -697,7 +699,7 @@ def test_identity_position_ids_equal_none(backend):
 
 
 def test_option_matrix_helpers():
-    assert len(oc.option_matrix()) == 64
+    assert len(oc.option_matrix()) == 80  # 2^5 x 3 merges, less dominance x mass (complete only)
     rows = oc.pairwise_options()
     assert len(rows) == 6
     for a, b in itertools.combinations(oc.OPTION_KEYS, 2):
