@@ -58,7 +58,7 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, opts) -> torch.Te
     s_outer = torch.einsum("hicd,htcd->hcit", qp, kp) * scaling  # (Hq, n, blocks, blocks)
     i = torch.arange(blocks)
     earlier = i[None, :] < i[:, None]  # t < i
-    if opts.merge == "lse":
+    if opts.merge != "score":  # lse / mass: the diagonal carries the log-sum-exp of its local scores
         s_local = torch.einsum("hbqd,hbkd->hbqk", qp, kp) * scaling  # (Hq, blocks, n, n)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         s_local = s_local.masked_fill(~causal, float("-inf"))
@@ -75,6 +75,8 @@ def far_mass(q: torch.Tensor, k: torch.Tensor, scaling: float, opts) -> torch.Te
         diag = torch.logsumexp(s_local, dim=-1).permute(0, 2, 1)  # (Hq, n, blocks)
     else:
         diag = torch.diagonal(s_outer, dim1=-2, dim2=-1)  # (Hq, n, blocks)
+    if opts.merge == "mass":  # each earlier entry summarises the n slots of its block
+        s_outer = s_outer + math.log(n)
     far = s_outer.masked_fill(~earlier, float("-inf"))
     lse_far = torch.logsumexp(far, dim=-1)  # (Hq, n, blocks); -inf in block 0
     total = torch.logaddexp(lse_far, diag)

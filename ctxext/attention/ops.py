@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -34,29 +35,55 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that will run: ``torch`` or ``reference`` today.
+def _interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): tests only."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-    ``auto`` picks the fused Triton kernels on CUDA once they exist, else ``torch``;
-    falling back from a requested fast backend warns once, saying why.
+
+def resolve_backend(
+    requested: str,
+    device: torch.device,
+    options: TensorizedOptions | None = None,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+) -> str:
+    """The backend that will run: ``triton``, ``torch`` or ``reference``.
+
+    ``auto`` picks the fused Triton kernels on CUDA when triton and ``ctxext._kernels`` import and
+    the kernels support the settings (when ``options`` is given), else ``torch``. ``triton`` on
+    CPU tensors runs the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` (slow; for
+    tests), else falls back. Falling back from a requested fast backend warns once, saying why.
     """
     if requested in ("torch", "reference"):
         return requested
-    if device.type == "cuda":
-        if not _triton_available():
+    if device.type != "cuda" and not (requested == "triton" and _interpreting()):
+        if requested == "triton":
             _warn_once(
-                "triton-missing",
-                "ctxext: the fused Triton kernels for tensorized attention are not available in this build "
-                "(ctxext._kernels is missing or triton is not installed); using the PyTorch backend, which is "
-                "correct but slower. Install triton and a ctxext build with kernels for the fast path.",
+                "triton-cpu",
+                f"ctxext: backend='triton' needs CUDA tensors, got {device.type}; using the PyTorch backend "
+                "(set TRITON_INTERPRET=1 to run the kernels in Triton's slow CPU interpreter, for tests).",
             )
         return "torch"
-    if requested == "triton":
+    if not _triton_available():
         _warn_once(
-            "triton-cpu",
-            f"ctxext: backend='triton' needs CUDA tensors, got {device.type}; using the PyTorch backend.",
+            "triton-missing",
+            "ctxext: the fused Triton kernels for tensorized attention are not available "
+            "(triton is not installed or ctxext._kernels failed to import); using the PyTorch backend, which is "
+            'correct but slower. Install them with: pip install "ctxext[triton]"',
         )
-    return "torch"
+        return "torch"
+    if options is not None:
+        from .triton_backend import kernels_disabled, unsupported_reason
+
+        reason = kernels_disabled() or unsupported_reason(options, dtype or torch.float32, head_dim or 0, device)
+        if reason is not None:
+            _warn_once(
+                f"triton-unsupported:{reason}",
+                f"ctxext: the fused Triton kernels do not run these settings ({reason}); using the PyTorch "
+                "backend for them, which is correct but slower.",
+            )
+            return "torch"
+    return "triton"
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -68,8 +95,9 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[-2] != k.shape[-2]:
         raise NotImplementedError(
             f"tensorized attention got {q.shape[-2]} queries but {k.shape[-2]} keys: cached decoding (fewer "
-            "queries than keys) needs the tensorized decode cache, which ctxext does not provide yet. Run the "
-            "model without a KV cache (model(..., use_cache=False) or generate(..., use_cache=False))."
+            "queries than keys) needs ctxext's tensorized cache, which this cache is not. Let generate build its "
+            "cache (do not pass past_key_values), pass past_key_values=ctxext.TensorizedCache(model.config), or "
+            "run without a cache (use_cache=False)."
         )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
@@ -108,7 +136,8 @@ def tensorized_attention(
         rope: ``"absolute"`` or ``"axis"`` (needs ``rope_inv_freq``).
         sinks: leading tokens every query's local softmax sees exactly.
         local: ``"block"`` or ``"window"`` (the local hop also covers the previous block).
-        merge: ``"score"`` or ``"lse"`` (outer-hop diagonal scored by the lower hop's mass).
+        merge: ``"score"``, ``"lse"`` (outer-hop diagonal scored by the lower hop's mass) or
+            ``"mass"`` (``lse``, and the other entries by ``q.k + log`` of the slots they summarise).
         long_range: False keeps only the local hop.
         position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions q and k were rotated at
             (None: ``arange(N)``); strictly increasing over real tokens. Real tokens are
@@ -167,9 +196,11 @@ def tensorized_attention_with_options(
         )
     plan = plan_fold(q.shape[0], q.shape[-2], position_ids, padding_mask, q.device)
     qs, ks, vs = fold(q, plan), fold(k, plan), fold(v, plan)
-    backend = resolve_backend(opts.backend, q.device)
+    backend = resolve_backend(opts.backend, q.device, opts, q.dtype, q.shape[-1])
     if backend == "reference":
         from .reference import reference_tensorized_attention as run
+    elif backend == "triton":
+        from .triton_backend import triton_tensorized_attention as run
     else:
         from .torch_backend import torch_tensorized_attention as run
     out = run(

@@ -1,0 +1,246 @@
+"""The Triton backend against the reference, in Triton's CPU interpreter (DESIGN.md invariants 7, 8).
+
+Tiny shapes and small blocks (the interpreter costs per element): odd lengths 1, 7, 23, 37,
+113; two and three axes; GQA (Hq=4, Hkv=2); both causal modes, both RoPE modes, merge
+``lse`` and ``mass``, ``local="window"``, softcap, ``long_range=False``, padding. float64
+results must match the reference to rounding; float16/bfloat16 errors against a float64
+reference may be at most twice the torch backend's error in the same dtype (plus a small atol).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+try:
+    from ..unit import operator_cases as oc
+except ImportError:  # run from inside tests/kernels
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "unit"))
+    import operator_cases as oc
+
+pytestmark = pytest.mark.usefixtures("interpreter")
+single_thread = oc.single_thread  # autouse fixture
+F64 = torch.float64
+
+
+def triton_slots(q, k, v, block_sizes, opts, **kw):
+    from ctxext.attention.triton_backend import triton_tensorized_attention
+
+    o = oc.options(block_sizes, **opts)
+    inv = oc.rope_inv_freq(q.shape[-1]) if o.rope == "axis" else None
+    return triton_tensorized_attention(q, k, v, o, inv_freq=inv, **kw)
+
+
+FORWARD_CASES = {
+    "b4-n1-complete": ((4,), 1, dict(causal="complete")),
+    "b4-n7-dominance": ((4,), 7, dict(causal="dominance")),
+    "b8-n113-complete": ((8,), 113, dict(causal="complete")),
+    "b4x4-n37-complete-axis": ((4, 4), 37, dict(causal="complete", rope="axis")),
+    "b4x4-n37-dominance-axis-lse": ((4, 4), 37, dict(causal="dominance", rope="axis", merge="lse")),
+    "b3x2-n23-complete-lse": ((3, 2), 23, dict(causal="complete", merge="lse")),
+    "b3x2-n23-localonly": ((3, 2), 23, dict(causal="complete", long_range=False)),
+    "b4x4-n37-complete-window-axis": ((4, 4), 37, dict(causal="complete", local="window", rope="axis")),
+}
+
+
+@pytest.mark.parametrize("name", list(FORWARD_CASES))
+def test_forward_matches_reference_float64(name):
+    block_sizes, n, opts = FORWARD_CASES[name]
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=8, seed=3)
+    got = triton_slots(q, k, v, block_sizes, opts)
+    want = oc.run_slots("reference", q, k, v, block_sizes, opts)
+    oc.assert_close(got, want, 1e-12, name)
+
+
+def test_forward_softcap_scaling_positions_valid():
+    """Slots with RoPE positions that are not ``arange`` (left padding), holes in ``valid``, softcap."""
+    n = 21
+    q, k, v = oc.make_qkv(batch=2, hq=2, hkv=1, n=n, dim=8, seed=4)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[0, 15:] = False  # a short row
+    valid[1, [2, 9]] = False
+    positions = torch.arange(n)[None].repeat(2, 1) + torch.tensor([[5], [0]])
+    opts = dict(causal="complete", rope="axis", merge="lse")
+    kw = dict(valid=valid, positions=positions, softcap=1.5, scaling=0.3)
+    got = triton_slots(q, k, v, (3, 2), opts, **kw)
+    want = oc.run_slots("reference", q, k, v, (3, 2), opts, **kw)
+    oc.assert_close(got, want, 1e-12, "forward with positions/valid/softcap")
+    assert got[0, :, 15:].abs().max() == 0 and got[1, :, [2, 9]].abs().max() == 0
+
+
+def _grads(run, q, k, v, weight):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = run(q, k, v)
+    return (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+
+
+# name: (block_sizes, n, (Hq, Hkv), options, softcap)
+GRAD_CASES = {
+    "b4x4-n37-complete-axis-lse-softcap": ((4, 4), 37, (4, 2), dict(causal="complete", rope="axis", merge="lse"), 2.0),
+    "b3x2-n23-dominance-gqa": ((3, 2), 23, (4, 2), dict(causal="dominance"), None),
+    "b4-n13-complete-mha": ((4,), 13, (2, 2), dict(causal="complete"), None),
+    "b3x2-n19-dominance-axis-lse-softcap": (
+        (3, 2),
+        19,
+        (2, 1),
+        dict(causal="dominance", rope="axis", merge="lse"),
+        1.0,
+    ),
+    "b3x3-n25-complete-mass-softcap": ((3, 3), 25, (2, 1), dict(causal="complete", merge="mass"), 2.0),
+    "b3x4-n29-complete-window-lse-softcap": ((3, 4), 29, (4, 2), dict(local="window", merge="lse"), 1.5),
+    "b4-n15-dominance-window-localonly": ((4,), 15, (2, 1), dict(causal="dominance", local="window"), None),
+    "b5x3-n31-complete-g3-localonly": ((5, 3), 31, (3, 1), dict(causal="complete", long_range=False), None),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradients_match_reference_float64(name):
+    block_sizes, n, (hq, hkv), opts, softcap = GRAD_CASES[name]
+    q, k, v = oc.make_qkv(batch=1, hq=hq, hkv=hkv, n=n, dim=8, seed=5)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=F64)
+    got = _grads(lambda q, k, v: triton_slots(q, k, v, block_sizes, opts, softcap=softcap), q, k, v, weight)
+    want = _grads(
+        lambda q, k, v: oc.run_slots("reference", q, k, v, block_sizes, opts, softcap=softcap), q, k, v, weight
+    )
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        oc.assert_close(a, b, 1e-11, f"{name} {what}")
+
+
+def test_partial_rotary_odd_head_dim_and_group_of_three():
+    """Head dim 12 (padded to a 16-wide tile), RoPE on 8 of its dims, 3 query heads per key head."""
+    from ctxext.attention.triton_backend import triton_tensorized_attention
+
+    q, k, v = oc.make_qkv(batch=1, hq=3, hkv=1, n=29, dim=12, seed=13)
+    o = oc.options((3, 4), causal="complete", rope="axis", merge="lse")
+    inv = oc.rope_inv_freq(8)  # (4,): rotary dims 0..7, dims 8..11 unrotated
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(14), dtype=F64)
+    got = _grads(lambda q, k, v: triton_tensorized_attention(q, k, v, o, inv_freq=inv), q, k, v, weight)
+    want = _grads(lambda q, k, v: oc.reference_tensorized_attention(q, k, v, o, inv_freq=inv), q, k, v, weight)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        oc.assert_close(a, b, 1e-11, f"partial rotary {what}")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(causal="complete", rope="axis"), dict(causal="dominance", merge="lse", local="window")],
+    ids=["complete-axis", "dom-lse-window"],
+)
+def test_public_api_with_padding_matches_torch_backend(opts):
+    """``backend="triton"`` through fold/unfold: left padding with shifted position ids, and holes."""
+    n = 17
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=n, dim=8, seed=7)
+    mask, pos = oc.left_padding([n, n - 6], n)
+    mask[0, [3, 4]] = 0  # holes in the first row
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=F64)
+    kw = dict(padding_mask=mask, position_ids=pos, softcap=3.0)
+    got = _grads(lambda q, k, v: oc.run_api("triton", q, k, v, (3, 2), opts, **kw), q, k, v, weight)
+    want = _grads(lambda q, k, v: oc.run_api("torch", q, k, v, (3, 2), opts, **kw), q, k, v, weight)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        oc.assert_close(a, b, 1e-11, f"api {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_error_at_most_twice_torch_backend(dtype):
+    """Invariant 8: kernel error vs a float64 reference <= 2x the torch backend's error in the same dtype."""
+    block_sizes, n, opts = (4, 4), 37, dict(causal="complete", rope="axis", merge="lse")
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=16, seed=9)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(10), dtype=F64)
+    want = _grads(lambda q, k, v: oc.run_slots("reference", q, k, v, block_sizes, opts), q, k, v, weight)
+    qh, kh, vh = (x.to(dtype) for x in (q, k, v))
+    wh = weight.to(dtype)
+    got = _grads(lambda q, k, v: triton_slots(q, k, v, block_sizes, opts), qh, kh, vh, wh)
+    control = _grads(lambda q, k, v: oc.run_slots("torch", q, k, v, block_sizes, opts), qh, kh, vh, wh)
+    for what, g, c, w in zip(("out", "dq", "dk", "dv"), got, control, want):
+        assert g.dtype == dtype
+        err = (g.to(F64) - w).abs().max().item()
+        ref_err = (c.to(F64) - w).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3, f"{dtype} {what}: kernel error {err:.3e} > 2 x torch error {ref_err:.3e}"
+
+
+@pytest.mark.parametrize("opts", [dict(sinks=2), dict(sinks=1, local="window")], ids=["sinks", "sinks-window"])
+def test_unsupported_options_fall_back_with_one_warning(opts, monkeypatch):
+    from ctxext.attention import ops
+
+    monkeypatch.setattr(ops, "_warned", set())
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=9, dim=8, seed=11)
+    with pytest.warns(UserWarning, match="not fused into the kernels"):
+        a = oc.run_api("triton", q, k, v, (4,), opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = oc.run_api("triton", q, k, v, (4,), opts)
+    c = oc.run_api("torch", q, k, v, (4,), opts)
+    assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_resolve_backend_routes_triton_on_cpu_only_when_interpreting(monkeypatch):
+    from ctxext.attention import ops
+
+    cpu = torch.device("cpu")
+    opts = oc.options((4,))
+    assert ops.resolve_backend("triton", cpu, opts, torch.float32, 64) == "triton"
+    assert ops.resolve_backend("auto", cpu, opts, torch.float32, 64) == "torch"  # auto never interprets
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.warns(UserWarning, match="needs CUDA tensors"):
+        assert ops.resolve_backend("triton", cpu, opts, torch.float32, 64) == "torch"
+
+
+def test_custom_op_registration_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration of ``ctxext::ta_hop``."""
+    from ctxext.attention.triton_backend import ta_hop
+
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=6, dim=8, seed=12, dtype=torch.float32, requires_grad=True)
+    args = (q, k, v, None, None, None, None, None, None, 3, 1, False, True, False, False, 0.5, 0.0, 0.0, True)
+    torch.library.opcheck(ta_hop, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_import_ctxext_never_needs_triton():
+    """``import ctxext`` loads no kernel module, and works (falling back) when triton cannot be imported."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # an import of triton now raises ImportError
+        "import ctxext, torch\n"
+        "from ctxext.attention import ops\n"
+        "assert 'ctxext._kernels' not in sys.modules and 'ctxext.attention.triton_backend' not in sys.modules\n"
+        "assert not ops._triton_available()\n"
+        "q = torch.randn(1, 2, 9, 8)\n"
+        "ctxext.tensorized_attention(q, q, q, block_sizes=(4,))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_reads_strided_views_without_copies():
+    """transformers hands ``(B, N, H, D)`` storage as ``(B, H, N, D)`` views: read through strides."""
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=19, dim=8, seed=15)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]  # same values, (B, N, H, D) storage
+    assert not views[0].is_contiguous()
+    opts = dict(causal="complete", rope="axis")
+    got = triton_slots(*views, (3, 2), opts)
+    want = oc.run_slots("reference", q, k, v, (3, 2), opts)
+    oc.assert_close(got, want, 1e-12, "strided views")
+
+
+def test_build_failure_falls_back_to_torch_once(monkeypatch):
+    """A kernel that cannot build on this GPU (e.g. too little shared memory) warns and runs the torch backend."""
+    from triton.runtime.errors import OutOfResources
+
+    from ctxext.attention import ops
+    from ctxext.attention import triton_backend as tb
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(tb, "_run_hops", no_room)
+    monkeypatch.setattr(tb, "_disabled", [])
+    monkeypatch.setattr(ops, "_warned", set())
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=9, dim=8, seed=16)
+    with pytest.warns(UserWarning, match="failed to build"):
+        a = triton_slots(q, k, v, (4,), {})
+    assert torch.equal(a, oc.run_slots("torch", q, k, v, (4,), {}))
+    with pytest.warns(UserWarning, match="OutOfResources"):  # the public path now routes to torch, saying why
+        assert ops.resolve_backend("triton", q.device, oc.options((4,)), q.dtype, 8) == "torch"
