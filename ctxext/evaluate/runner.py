@@ -82,10 +82,8 @@ def resolve_entries(spec: EvalSpec) -> list[ModelEntry]:
             entry = ModelEntry(
                 item, spec.model, attention="sdpa", rope=rope, description="same weights, full attention"
             )
-        else:
-            entry = ModelEntry(
-                item if rope else _label(base), base, attention="sdpa", rope=rope, description="baseline"
-            )
+        else:  # another model runs as it is configured (a tensorized baseline stays tensorized)
+            entry = ModelEntry(item if rope else _label(base), base, rope=rope, description="baseline")
         if rope:
             entry.description += f", rope scaling {rope[0]} x{rope[1]:g}"
         entries.append(entry)

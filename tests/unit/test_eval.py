@@ -189,3 +189,24 @@ def test_eval_can_score_retrieval_by_generation(tmp_path):
     assert report["tasks"]["passkey"]["tiny-ta"]["300"]["0.5"] in (0.0, 1.0)
     with pytest.raises(EvalError, match="--scoring"):
         run(EvalSpec(model=spec.model, out=tmp_path / "e2", lengths=[300], scoring="beam"), progress=False)
+
+
+def test_another_tensorized_model_as_baseline_keeps_its_attention(tmp_path):
+    from ctxext.attention.options import TensorizedOptions
+    from ctxext.models import apply_tensorized, save_model_dir
+    from ctxext.tiny import byte_tokenizer, tiny_model
+
+    window = tiny_model("llama")
+    apply_tensorized(window, TensorizedOptions(block_sizes=(64,), long_range=False))
+    control = save_model_dir(window, byte_tokenizer(), tmp_path / "window-only")
+    spec = EvalSpec(
+        model=str(_tiny_dir(tmp_path)),
+        out=tmp_path / "eval",
+        lengths=[300],
+        tasks=["ppl"],
+        docs=1,
+        compare=[str(control), "base"],
+    )
+    report = run(spec, progress=False)
+    assert [m["attn_implementation"] for m in report["models"]] == ["tensorized", "tensorized", "sdpa"]
+    assert report["models"][1]["tensorized_attention"]["long_range"] is False
