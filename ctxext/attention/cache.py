@@ -64,22 +64,59 @@ class TensorizedDecodeState:
 
 
 class TensorizedCacheLayer(DynamicLayer):
-    """A ``DynamicLayer`` (k and v as usual) that can also carry tensorized decode state."""
+    """A ``DynamicLayer`` that can also carry tensorized decode state, with an amortised append.
+
+    ``DynamicLayer.update`` concatenates the whole cache on every token (``O(N)`` copies per
+    token: at 128k this dominates a decode step). Under ``no_grad`` this layer writes new k/v
+    into a buffer with up to 1/8 spare capacity and returns views of its filled part. If
+    anything else replaced ``keys``/``values`` (crop, beam reorder, offloading), the buffer is
+    rebuilt from them on the next update.
+    """
 
     _layer_type = "full_attention"  # registers this class for full-attention layers of DynamicCache
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.tensorized: TensorizedDecodeState | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # (k, v): (B, H, capacity, D)
+        self._views: tuple[torch.Tensor, torch.Tensor] | None = None  # what keys/values were set to
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self._buffers = self._views = None
+        else:
+            keys, values = self._append(key_states, value_states)
         _published.layer = weakref.ref(self)
         return keys, values
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``(B, H, n, D)`` new k/v after the cached ones; returns views ``(B, H, T, D)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        total = length + key_states.shape[-2]
+        fresh = self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]
+        if fresh or total > self._buffers[0].shape[-2] or self._buffers[0].shape[:2] != key_states.shape[:2]:
+            capacity = total + max(256, total // 8)
+            buffers = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buf = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+                if length:
+                    buf[..., :length, :] = old
+                buffers.append(buf)
+            self._buffers = (buffers[0], buffers[1])
+        k_buf, v_buf = self._buffers
+        k_buf[..., length:total, :] = key_states
+        v_buf[..., length:total, :] = value_states
+        self.keys, self.values = k_buf[..., :total, :], v_buf[..., :total, :]
+        self._views = (self.keys, self.values)
+        return self.keys, self.values
 
     def reset(self) -> None:
         super().reset()
         self.tensorized = None
+        self._buffers = self._views = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.tensorized is not None and tokens_to_remove != 0:

@@ -211,3 +211,40 @@ def test_positions_must_continue_across_cached_calls():
     _, cache = _cached_logits(model, ids, mask, positions, (9,))
     with torch.no_grad(), pytest.raises(ValueError, match="keep increasing.*continues at 3 after 8"):
         model(ids[:, :1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[3]]))
+
+
+def test_cache_layer_appends_in_place_and_follows_every_dynamic_layer_operation():
+    from transformers.cache_utils import DynamicLayer
+
+    ours, plain = TensorizedCacheLayer(), DynamicLayer()
+    g = torch.Generator().manual_seed(0)
+
+    def step(n):
+        batch = ours.keys.shape[0] if ours.is_initialized else 3
+        k, v = torch.randn(batch, 2, n, 4, generator=g), torch.randn(batch, 2, n, 4, generator=g)
+        with torch.no_grad():
+            got, want = ours.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        return got
+
+    first = step(300)
+    buffer = ours._buffers[0]
+    for _ in range(20):  # single tokens land in the spare capacity: no reallocation, no O(N) copy
+        step(1)
+    assert ours._buffers[0] is buffer and ours.keys.data_ptr() == buffer.data_ptr()
+    assert torch.equal(first[0], plain.keys[..., :300, :])  # earlier views are not overwritten
+    for op, arg in [
+        ("crop", -5),
+        ("batch_select_indices", torch.tensor([2, 0])),
+        ("batch_repeat_interleave", 2),
+        ("reorder_cache", torch.tensor([3, 2, 1, 0])),
+    ]:
+        getattr(ours, op)(arg)
+        getattr(plain, op)(arg)
+        step(1)
+        step(7)
+    assert ours.get_seq_length() == plain.get_seq_length() == 300 + 20 + 4 * 8 - 5
+    k = torch.randn(4, 2, 2, 4, requires_grad=True)  # with autograd: DynamicLayer's concatenation
+    keys, _ = ours.update(k, k)
+    assert keys.requires_grad and ours._buffers is None
