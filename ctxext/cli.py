@@ -301,6 +301,9 @@ def evaluate(
     scoring: Annotated[
         str, typer.Option(help="Retrieval scoring: teacher (forced argmax) or generate (greedy, decode cache).")
     ] = "teacher",
+    context_parallel: Annotated[
+        int, typer.Option(help="Processes sharing each document (tensorized models, --tasks ppl).")
+    ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned work and memory; run nothing.")] = False,
 ) -> None:
@@ -322,6 +325,7 @@ def evaluate(
             compare=list(compare or []),
             force=force,
             scoring=scoring,
+            context_parallel=context_parallel,
         )
     except ValueError as err:
         _fail(f"{err}")
@@ -332,10 +336,27 @@ def evaluate(
             _fail("cannot evaluate:\n  - " + "\n  - ".join(errors))
         _print_eval_plan(spec, resolve_entries(spec))
         return
+    import os
+    import subprocess
+    import sys
+
+    if context_parallel > 1 and not os.environ.get("CTXEXT_LAUNCHED"):
+        errors = validate(spec)
+        if errors:
+            _fail("cannot evaluate:\n  - " + "\n  - ".join(errors))
+        args = ["eval", model, "--out", str(out), "--lengths", lengths, "--tasks", tasks, "--depths", depths]
+        args += ["--trials", str(trials), "--data", data, "--docs", str(docs), "--seed", str(seed)]
+        args += ["--scoring", scoring, "--context-parallel", str(context_parallel)] + (["--force"] if force else [])
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += [f"--nproc-per-node={context_parallel}", "-m", "ctxext.cli", *args]
+        console.print("Launching: " + " ".join(command), highlight=False, soft_wrap=True)
+        raise typer.Exit(subprocess.call(command, env={**os.environ, "CTXEXT_LAUNCHED": "1"}))
     try:
         report = run(spec)
     except (EvalError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
         _fail(str(err))
+        return
+    if context_parallel > 1 and report.get("protocol", {}).get("rank", 0) != 0:
         return
     from .evaluate.report import markdown
 

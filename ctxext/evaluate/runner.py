@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class EvalSpec:
     chunk: int = 2048
     force: bool = False
     scoring: str = "teacher"  # retrieval: teacher-forced argmax, or greedy generation (decode cache)
+    context_parallel: int = 1  # ranks sharing each document (perplexity only; launched by the CLI)
 
 
 @dataclass
@@ -158,6 +160,16 @@ def validate(spec: EvalSpec) -> list[str]:
             errors.append(f"--tasks: unknown task {t!r}; choose from {', '.join(TASK_NAMES)}")
     if spec.scoring not in SCORINGS:
         errors.append(f"--scoring: unknown scoring {spec.scoring!r}; choose teacher or generate")
+    if spec.context_parallel < 1:
+        errors.append(f"--context-parallel must be >= 1, got {spec.context_parallel}")
+    elif spec.context_parallel > 1:
+        if spec.tasks != ["ppl"]:
+            errors.append("--context-parallel: only the perplexity task runs context-parallel; pass --tasks ppl")
+        if spec.compare:
+            errors.append(
+                "--context-parallel: baselines are not run context-parallel (full attention cannot be sharded "
+                "this way); evaluate them in a separate run without --context-parallel"
+            )
     if spec.trials < 1 or spec.docs < 1:
         errors.append("--trials and --docs must be >= 1")
     try:
@@ -186,8 +198,14 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     entries = resolve_entries(spec) if not errors else []
     if errors:
         raise EvalError("cannot evaluate:\n  - " + "\n  - ".join(errors))
+    group = _context_group(spec)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if group is not None and device.type == "cuda":
+        import torch.distributed as dist
+
+        device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
     retrieval = [t for t in spec.tasks if t != "ppl"]
+    progress = progress and (group is None or _rank() == 0)
 
     # Load the first model now: a bad source or a missing tokenizer fails before the long work.
     model, tokenizer = load_entry(entries[0], device)
@@ -228,7 +246,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
                 total, tokens = 0.0, 0
                 try:
                     for ids in chosen:
-                        nll, n = document_nll(model, ids[:length], chunk=spec.chunk)
+                        nll, n = document_nll(model, ids[:length], chunk=spec.chunk, group=group)
                         total, tokens = total + nll, tokens + n
                         bar.update(1)
                     cell.update(nll=total / tokens if tokens else None, ppl=perplexity(total, tokens), tokens=tokens)
@@ -264,6 +282,11 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         del model
         _free()
     bar.close()
+    if group is not None:
+        report["protocol"]["context_parallel"] = spec.context_parallel
+        if _rank() != 0:
+            report["protocol"]["rank"] = _rank()
+            return report  # rank 0 writes the report
     with atomic_directory(spec.out, force=spec.force) as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         write_report(report, tmp)
@@ -319,6 +342,37 @@ def _protocol(spec: EvalSpec, docs, device) -> dict[str, Any]:
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "torch": torch.__version__,
     }
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _context_group(spec: EvalSpec):
+    """The process group sharing each document (None without --context-parallel).
+
+    The CLI launches ``spec.context_parallel`` processes through ``torch.distributed.run``; each
+    joins the default group here (gloo on CPU, NCCL on CUDA) and scores its shard of every document.
+    """
+    if spec.context_parallel == 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise EvalError(
+                f"--context-parallel {spec.context_parallel} needs {spec.context_parallel} processes: run it "
+                "through `ctxext eval`, which launches them, or under torchrun"
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    if dist.get_world_size() != spec.context_parallel:
+        raise EvalError(f"--context-parallel {spec.context_parallel}: {dist.get_world_size()} processes were launched")
+    return dist.group.WORLD
 
 
 RETRIEVAL_SCORING = {

@@ -210,3 +210,31 @@ def test_another_tensorized_model_as_baseline_keeps_its_attention(tmp_path):
     report = run(spec, progress=False)
     assert [m["attn_implementation"] for m in report["models"]] == ["tensorized", "tensorized", "sdpa"]
     assert report["models"][1]["tensorized_attention"]["long_range"] is False
+
+
+def test_context_parallel_perplexity_from_the_cli_equals_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model_dir = _tiny_dir(tmp_path)
+    args = [str(model_dir), "--lengths", "300", "--tasks", "ppl", "--docs", "2"]
+    single = run(EvalSpec(model=str(model_dir), out=tmp_path / "one", lengths=[300], tasks=["ppl"], docs=2))
+    cli = [sys.executable, "-m", "ctxext.cli", "eval", *args, "--out", str(tmp_path / "cp"), "--context-parallel", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "CTXEXT_LAUNCHED"}
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "cp" / "report.json").read_text())
+    assert report["protocol"]["context_parallel"] == 2
+    got, want = report["perplexity"]["tiny-ta"]["300"], single["perplexity"]["tiny-ta"]["300"]
+    assert got["tokens"] == want["tokens"] and abs(got["ppl"] - want["ppl"]) < 1e-3 * want["ppl"]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [(["--tasks", "ppl,passkey"], "only the perplexity task"), (["--compare", "base"], "baselines are not run")],
+)
+def test_context_parallel_eval_refuses_what_it_cannot_shard(tmp_path, extra, match):
+    args = ["eval", str(_tiny_dir(tmp_path)), "--lengths", "300", "--out", str(tmp_path / "cp")]
+    result = runner.invoke(app, [*args, "--tasks", "ppl", "--context-parallel", "2", *extra])
+    assert result.exit_code == 2 and match in result.output + result.stderr
