@@ -55,6 +55,11 @@ def check_length(prompt_tokens: int, max_new_tokens: int, max_length: int) -> No
         )
 
 
+def _pad_id(tokenizer) -> int:
+    """The pad token id generate needs; the EOS id for tokenizers without a pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 class _Timer:
     """A streamer that records when the first and the last token arrived (and may print them)."""
 
@@ -114,7 +119,7 @@ def generate_text(
         past_key_values=cache,
         use_cache=use_cache,
         streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=_pad_id(tokenizer),
         **sampling,
     )
     new = out[0, ids.shape[1] :]
@@ -146,7 +151,7 @@ def generated_answer_correct(model, tokenizer, prompt_ids: list[int], answer: st
         attention_mask=torch.ones_like(x),
         max_new_tokens=budget,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_token_id=_pad_id(tokenizer),
     )
     text = tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
     return text.lstrip().startswith(answer.strip())

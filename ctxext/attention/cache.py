@@ -187,11 +187,11 @@ def cached_tensorized_attention(
     v: torch.Tensor,
     opts,
     *,
-    padding_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None,
-    inv_freq: torch.Tensor | None,
+    padding_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tensorized attention of new queries against everything ``layer`` holds.
 
@@ -202,6 +202,8 @@ def cached_tensorized_attention(
     """
     b, hq, n_new, d = q.shape
     total = k.shape[2]
+    scaling = d**-0.5 if scaling is None else scaling
+    inv_freq = rope_inv_freq
     geometry = LayerGeometry(opts, hq, k.shape[1], d, float(scaling), float(softcap) if softcap else None)
     state = layer.tensorized
     past = total - n_new

@@ -111,47 +111,21 @@ def tensorized_attention_forward(
     inv_freq = _inv_freq(config, query.device) if opts.rope == "axis" else None
     if position_ids is not None and position_ids.dim() == 3:
         raise ValueError("tensorized attention does not support multi-dimensional (mrope) position ids")
-    cache_layer = layer_for_keys(key)
-    if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)
-        out = cached_tensorized_attention(
-            cache_layer,
-            query,
-            key,
-            value,
-            opts,
-            padding_mask=attention_mask,
-            position_ids=position_ids,
-            scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
-            softcap=softcap,
-            inv_freq=inv_freq,
-        )
-        return out.transpose(1, 2).contiguous(), None
-    cp_group = active_group()
-    if cp_group is not None:  # context parallel: this rank holds a shard of the sequence (DESIGN.md section 7)
-        out = context_parallel_attention(
-            query,
-            key,
-            value,
-            opts,
-            group=cp_group,
-            position_ids=position_ids,
-            padding_mask=attention_mask,
-            scaling=scaling,
-            softcap=softcap,
-            rope_inv_freq=inv_freq,
-        )
-        return out.transpose(1, 2).contiguous(), None
-    out = tensorized_attention_with_options(
-        query,
-        key,
-        value,
-        opts,
+    common = dict(
         position_ids=position_ids,
         padding_mask=attention_mask,
         scaling=scaling,
         softcap=softcap,
         rope_inv_freq=inv_freq,
     )
+    cache_layer = layer_for_keys(key)
+    cp_group = active_group()
+    if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)
+        out = cached_tensorized_attention(cache_layer, query, key, value, opts, **common)
+    elif cp_group is not None:  # context parallel: this rank holds a shard of the sequence (DESIGN.md section 7)
+        out = context_parallel_attention(query, key, value, opts, group=cp_group, **common)
+    else:
+        out = tensorized_attention_with_options(query, key, value, opts, **common)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -79,8 +79,7 @@ def _attention_steps(ctx, method, n: int, steps: int) -> dict[str, Any]:
 
     def attend(q, keys, values):
         if tensorized:
-            kwargs = dict(padding_mask=None, position_ids=None, softcap=None, inv_freq=inv_freq)
-            return cached_tensorized_attention(layer, q, keys, values, opts, scaling=scaling, **kwargs)
+            return cached_tensorized_attention(layer, q, keys, values, opts, scaling=scaling, rope_inv_freq=inv_freq)
         return F.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=hq != hkv)
 
     keys, values = layer.update(rand(hkv, n), rand(hkv, n))
