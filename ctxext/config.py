@@ -53,6 +53,8 @@ class DataSection:
     max_samples: int | None = None  # documents to read at most
     max_tokens: int | None = None  # tokens to keep at most after tokenising
     seed: int = 0  # data order
+    retrieval: float = 0.0  # fraction of blocks turned into retrieval blocks (records spliced in, recalled at the end)
+    retrieval_records: int = 8  # records per retrieval block
     cache_dir: str | None = None  # tokenised-data cache (default: <output_dir>/../.cache/ctxext-data)
 
 
@@ -258,6 +260,10 @@ def validate(recipe: Recipe) -> list[str]:
     for key, value in (("data.max_samples", d.max_samples), ("data.max_tokens", d.max_tokens)):
         if value is not None and value <= 0:
             errors.append(f"{key}: must be > 0 when set, got {value}")
+    if not 0 <= d.retrieval <= 1:
+        errors.append(f"data.retrieval: a fraction of blocks in [0, 1], got {d.retrieval}")
+    if d.retrieval and d.retrieval_records <= 0:
+        errors.append(f"data.retrieval_records: must be > 0 when data.retrieval is set, got {d.retrieval_records}")
     if lo.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize: unknown value {lo.quantize!r}; choose none or 4bit")
     if not 0 <= lo.dropout < 1:

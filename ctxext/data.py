@@ -216,7 +216,12 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
             f"{short} of {documents} documents are shorter than data.seq_len={seq_len} tokens with data.packing "
             "off; turn data.packing on, lower data.seq_len, or filter the documents"
         )
-    result = TokenBlocks(np.stack(blocks), documents, tokens_read, cache_path)
+    stacked = np.stack(blocks)
+    if getattr(data, "retrieval", 0.0):
+        from .retrieval_data import mix_retrieval
+
+        stacked = mix_retrieval(stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed)
+    result = TokenBlocks(stacked, documents, tokens_read, cache_path)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp.npz")

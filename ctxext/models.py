@@ -164,6 +164,10 @@ def load_causal_lm(
                 "you ask for it with --allow-pickle (only for sources you trust)"
             ) from None
         raise ModelSourceError(f"cannot load {source.label}: {err}") from None
+    if source.kind == "dir":
+        from .attention import summary
+
+        summary.load(model, Path(source.location))  # learned summary queries saved beside the weights
     if source.kind == "gguf":
         _detach_dequantized_gguf(model)
         if dtype != "auto":
@@ -263,6 +267,10 @@ def apply_tensorized(model, options: TensorizedOptions, rope_scaling: str | None
         inv_freq_from_config(config)  # refuses dynamic scaling with a clear error now, not at run time
     setattr(config, CONFIG_KEY, options.to_dict())
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if options.summary == "learned":  # zeros unless the source directory brought trained ones
+        from .attention import summary
+
+        summary.attach(model)
     return changes
 
 
@@ -304,8 +312,11 @@ def save_model_dir(model, tokenizer, out: Path, force: bool = False) -> Path:
     ``save_pretrained`` leaves ``attn_implementation`` out of config.json; without it a
     reloaded model silently runs SDPA, so it is written here.
     """
+    from .attention import summary
+
     with atomic_directory(Path(out), force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=summary.without_summary(model.state_dict()))
+        summary.save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config_path = tmp / "config.json"

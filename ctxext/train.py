@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from .atomic import atomic_directory
+from .attention import summary
 from .attention.context_parallel import context_parallel
 from .config import Recipe, dump
 from .data import TokenBlocks, batch_indices, build_blocks
@@ -255,6 +256,8 @@ def add_adapter(recipe: Recipe, model):
     for name, param in model.named_parameters():
         if name in extra:
             param.requires_grad_(True)
+    for param in summary.parameters(model):  # summary="learned": trained fully, saved in their own file
+        param.requires_grad_(True)
     return model
 
 
@@ -352,6 +355,7 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path) -> Path:
         state = {n: p.detach().contiguous() for n, p in model.named_parameters() if n in extra}
         if state:
             save_file(state, str(tmp / TRAINABLE_FILE))
+        summary.save(model, tmp)
         tokenizer.save_pretrained(tmp)
         config = model.get_base_model().config
         settings = {

@@ -27,6 +27,7 @@ from .exact import exact_causal_attention
 from .ops import tensorized_attention_with_options
 from .options import TensorizedOptions
 from .rope import inv_freq_from_config
+from . import summary
 
 ATTN_IMPLEMENTATION = "tensorized"
 CONFIG_KEY = "tensorized_attention"
@@ -108,7 +109,8 @@ def tensorized_attention_forward(
 
     config = module.config
     opts = options_from_config(config)
-    inv_freq = _inv_freq(config, query.device) if opts.rope == "axis" else None
+    needs_freq = opts.rope == "axis" or opts.summary != "token"
+    inv_freq = _inv_freq(config, query.device) if needs_freq else None
     if position_ids is not None and position_ids.dim() == 3:
         raise ValueError("tensorized attention does not support multi-dimensional (mrope) position ids")
     common = dict(
@@ -120,12 +122,21 @@ def tensorized_attention_forward(
     )
     cache_layer = layer_for_keys(key)
     cp_group = active_group()
+    if opts.summary != "token":
+        if cp_group is not None or (cache_layer is not None and query.shape[-2] != key.shape[-2]):
+            where = "context parallelism" if cp_group is not None else "the decode cache"
+            raise NotImplementedError(
+                f"tensorized_attention.summary={opts.summary!r} is not supported by {where} yet; "
+                + ("run on one process" if cp_group is not None else "generate with use_cache=False")
+            )
+        cache_layer = None  # a first forward pass: the plain operator (the cache keeps k/v only)
     if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)
         out = cached_tensorized_attention(cache_layer, query, key, value, opts, **common)
     elif cp_group is not None:  # context parallel: this rank holds a shard of the sequence (DESIGN.md section 7)
         out = context_parallel_attention(query, key, value, opts, group=cp_group, **common)
     else:
-        out = tensorized_attention_with_options(query, key, value, opts, **common)
+        extra = {"summary_query": summary.query_for(module)} if opts.summary == "learned" else {}
+        out = tensorized_attention_with_options(query, key, value, opts, **common, **extra)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -119,6 +119,8 @@ def tensorized_attention(
     local: str = "block",
     merge: str = "score",
     long_range: bool = True,
+    summary: str = "token",
+    summary_query: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     scaling: float | None = None,
@@ -139,6 +141,10 @@ def tensorized_attention(
         merge: ``"score"``, ``"lse"`` (outer-hop diagonal scored by the lower hop's mass) or
             ``"mass"`` (``lse``, and the other entries by ``q.k + log`` of the slots they summarise).
         long_range: False keeps only the local hop.
+        summary: ``"token"``, ``"pooled"`` or ``"learned"``: how far entries of outer hops are
+            summarised and keyed (``complete`` only; see :class:`TensorizedOptions`).
+        summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
+            (``summary="learned"``; None adds nothing).
         position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions q and k were rotated at
             (None: ``arange(N)``); strictly increasing over real tokens. Real tokens are
             folded onto consecutive slots, so padding never moves a token's multi-index.
@@ -146,7 +152,8 @@ def tensorized_attention(
             and get zero output. O(N): never a ``(B, N, N)`` mask.
         scaling: score scale, default ``D ** -0.5``.
         softcap: attention logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2), or None.
-        rope_inv_freq: ``(r/2,)`` RoPE inverse frequencies of the model (``rope="axis"``).
+        rope_inv_freq: ``(r/2,)`` RoPE inverse frequencies of the model (``rope="axis"`` and
+            ``summary`` other than ``"token"``).
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
 
     Returns:
@@ -160,6 +167,7 @@ def tensorized_attention(
         local=local,
         merge=merge,
         long_range=long_range,
+        summary=summary,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(
@@ -172,6 +180,7 @@ def tensorized_attention(
         scaling=scaling,
         softcap=softcap,
         rope_inv_freq=rope_inv_freq,
+        summary_query=summary_query,
     )
 
 
@@ -186,13 +195,20 @@ def tensorized_attention_with_options(
     scaling: float | None = None,
     softcap: float | None = None,
     rope_inv_freq: torch.Tensor | None = None,
+    summary_query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`tensorized_attention` with already validated options (the transformers path)."""
     check_shapes(q, k, v)
-    if opts.rope == "axis" and rope_inv_freq is None:
+    needs = "rope='axis'" if opts.rope == "axis" else f"summary={opts.summary!r}" if opts.summary != "token" else None
+    if needs and rope_inv_freq is None:
         raise ValueError(
-            "rope='axis' needs the model's RoPE inverse frequencies: pass rope_inv_freq (shape (rotary_dim/2,)); "
+            f"{needs} needs the model's RoPE inverse frequencies: pass rope_inv_freq (shape (rotary_dim/2,)); "
             "the transformers integration computes them from the model config."
+        )
+    if summary_query is not None and (opts.summary != "learned" or summary_query.shape != (q.shape[1], q.shape[-1])):
+        raise ValueError(
+            f"summary_query of shape {tuple(summary_query.shape)} needs summary='learned' (got {opts.summary!r}) "
+            f"and shape (Hq, D) = {(q.shape[1], q.shape[-1])}"
         )
     plan = plan_fold(q.shape[0], q.shape[-2], position_ids, padding_mask, q.device)
     qs, ks, vs = fold(q, plan), fold(k, plan), fold(v, plan)
@@ -213,5 +229,6 @@ def tensorized_attention_with_options(
         softcap=softcap,
         inv_freq=rope_inv_freq,
         positions=plan.positions,
+        **({"summary_query": summary_query} if summary_query is not None else {}),
     )
     return unfold(out.to(q.dtype), plan)

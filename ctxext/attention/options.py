@@ -14,6 +14,7 @@ CAUSAL_MODES = ("complete", "dominance")
 ROPE_MODES = ("absolute", "axis")
 LOCAL_MODES = ("block", "window")
 MERGE_MODES = ("score", "lse", "mass")
+SUMMARY_MODES = ("token", "pooled", "learned")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
@@ -35,6 +36,13 @@ class TensorizedOptions:
         log-sum-exp of what the lower hop summarised) or ``mass`` (``lse``, and every other
         fiber entry, a summary of ``s_j`` tokens, scored ``q.k + log(s_j)``; ``complete`` only).
     long_range: False keeps only the local hop (the window-only control).
+    summary: how an earlier far entry of an outer hop is summarised and keyed (``complete``
+        only). ``token``: by its own token's query (the full stream) and keyed by its own key.
+        ``pooled``: the full stream also pools the keys it attends to, and that pooled key
+        (rotated to the entry's coordinate) scores the entry: a far block is found by what its
+        summary holds, not by one arbitrary token's key. ``learned``: ``pooled``, and the full
+        stream's query is the token's query plus a learned per-head summary query (parameters
+        saved beside the model, see ``ctxext/attention/summary.py``).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -45,6 +53,7 @@ class TensorizedOptions:
     local: str = "block"
     merge: str = "score"
     long_range: bool = True
+    summary: str = "token"
     backend: str = "auto"
 
     @property
@@ -96,6 +105,7 @@ class TensorizedOptions:
             ("rope", ROPE_MODES),
             ("local", LOCAL_MODES),
             ("merge", MERGE_MODES),
+            ("summary", SUMMARY_MODES),
             ("backend", BACKENDS),
         ):
             value = getattr(self, key)
@@ -103,6 +113,12 @@ class TensorizedOptions:
                 errors.append(f"{where}.{key}: unknown mode {value!r}; choose one of {', '.join(allowed)}")
         if self.merge == "mass" and self.causal != "complete":
             errors.append(f"{where}.merge: 'mass' needs causal='complete' (got causal={self.causal!r}); use 'lse'")
+        if self.summary != "token" and (self.causal != "complete" or self.merge == "score"):
+            errors.append(
+                f"{where}.summary: {self.summary!r} changes the full streams of causal='complete' and keys the far "
+                f"entries beside an lse-scored diagonal (got causal={self.causal!r}, merge={self.merge!r}); use "
+                "causal='complete' with merge='lse' or 'mass', or summary='token'"
+            )
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             errors.append(f"{where}.sinks: expected a non-negative integer, got {self.sinks!r}")
         if not isinstance(self.long_range, bool):

@@ -22,6 +22,14 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   ``merge="mass"`` (``complete`` only) the diagonal is scored so too, and every other fiber
   entry, whose full stream summarises the ``s_j`` slots of its sub-block, gets
   ``q . k + log(s_j)``: as if each of those slots had its representative's score.
+* ``summary="pooled"``/``"learned"`` (``complete``, merge ``lse``/``mass``): the full stream of
+  the local hop also pools the keys it attends to, with RoPE undone (rotated back by their
+  position), and in outer hop j every fiber entry other than the diagonal is scored by that
+  pooled key rotated to the entry's coordinate (``i_j`` with ``rope="axis"``, else the
+  entry's RoPE position) instead of by the entry's own key; outer full streams carry the
+  pooled keys on to the next hop. ``"learned"`` also adds the learned summary query
+  ``summary_query[h]``, rotated to the slot's RoPE position, to the query of every full
+  stream of the local hop (causal streams keep the token's own query).
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -66,6 +74,7 @@ def reference_tensorized_attention(
     inv_freq: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     return_full_stream: bool = False,
+    summary_query: torch.Tensor | None = None,
 ):
     """Tensorized attention on slots.
 
@@ -74,6 +83,7 @@ def reference_tensorized_attention(
     inv_freq: ``(r/2,)`` RoPE inverse frequencies, required for ``rope="axis"``;
     positions: ``(B, L)`` RoPE position q and k of each slot were rotated at, None when
     slot s was rotated at position s.
+    summary_query: ``(Hq, D)`` learned summary query, unrotated (``summary="learned"``).
     Returns ``(B, Hq, L, D)`` (and the full stream after the last hop, ``complete`` only,
     when ``return_full_stream``).
     """
@@ -97,28 +107,37 @@ def reference_tensorized_attention(
     strides = [math.prod(axes[j + 1 :]) for j in range(len(axes))]
     n = axes[-1]
     complete = opts.causal == "complete"
+    pooled = complete and opts.summary != "token"
+    if pooled and inv_freq is None:
+        raise ValueError(f"summary={opts.summary!r} needs the model's RoPE inverse frequencies (inv_freq)")
+    q_full, v_full = q, v  # the full stream's queries and values (values + pooled position-free keys)
+    if pooled:
+        v_full = torch.cat([v, rerotate(k, -pos[:, None, :], inv_freq)], dim=-1)
+        if summary_query is not None:
+            sq = summary_query.to(compute)[None, :, None, :].expand(batch, n_heads, length, dim)
+            q_full = q + rerotate(sq, pos[:, None, :], inv_freq)
 
     def score(qp: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """qp: (B, H, D), keys: (B, H, K, D) -> (B, H, K)."""
         s = torch.einsum("bhd,bhkd->bhk", qp, keys) * scaling
         return softcap * torch.tanh(s / softcap) if softcap else s
 
-    def sink_scores(p: int, start: int, sinks: list[int]) -> torch.Tensor:
-        qp, ks = q[:, :, p], k[:, :, sinks]
+    def sink_scores(p: int, start: int, sinks: list[int], queries: torch.Tensor) -> torch.Tensor:
+        qp, ks = queries[:, :, p], k[:, :, sinks]
         if opts.rope == "axis":  # query to coordinate p - start, sink t to coordinate t
             qp = rerotate(qp[:, :, None], (p - start - pos[:, p])[:, None, None], inv_freq)[:, :, 0]
             ks = rerotate(ks, (torch.tensor(sinks, dtype=compute) - pos[:, sinks])[:, None, :], inv_freq)
         return score(qp, ks)
 
-    def local_stream(p: int, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_stream(p: int, keys: list[int], queries=q, values=v) -> tuple[torch.Tensor, torch.Tensor]:
         start = keys[0]
         sinks = [t for t in range(min(opts.sinks, length)) if t < start]
-        s = score(q[:, :, p], k[:, :, keys])
-        vals = v[:, :, keys]
+        s = score(queries[:, :, p], k[:, :, keys])
+        vals = values[:, :, keys]
         mask = valid[:, keys]
         if sinks:
-            s = torch.cat([sink_scores(p, start, sinks), s], dim=-1)
-            vals = torch.cat([v[:, :, sinks], vals], dim=2)
+            s = torch.cat([sink_scores(p, start, sinks, queries), s], dim=-1)
+            vals = torch.cat([values[:, :, sinks], vals], dim=2)
             mask = torch.cat([valid[:, sinks], mask], dim=-1)
         mask = mask & valid[:, p : p + 1]  # padding queries attend to nothing
         return _combine(s, vals, mask)
@@ -135,7 +154,7 @@ def reference_tensorized_attention(
         causal_out.append(out)
         causal_lse.append(lse)
         if complete:
-            out, lse = local_stream(p, own)
+            out, lse = local_stream(p, own, q_full, v_full)
             full_out.append(out)
             full_lse.append(lse)
     C, lse_C = torch.stack(causal_out, 2), torch.stack(causal_lse, 2)  # (B, H, L, D), (B, H, L)
@@ -151,13 +170,17 @@ def reference_tensorized_attention(
             qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
         else:
             qj, kj = q, k
+        far_k = kj  # keys of the far (non-diagonal) entries
+        if pooled:  # each entry's pooled key, rotated to its coordinate i_j (axis) or its position
+            coord = coord[None].expand(batch, length) if opts.rope == "axis" else pos
+            far_k = rerotate(F[..., dim:], coord[:, None, :], inv_freq)
         last_hop = j == 0
         new_C, new_lse_C, new_F, new_lse_F = [], [], [], []
         for p in range(length):
             i = idx[p][j]
             fiber = [p + (t - i) * strides[j] for t in range(axes[j])]
             fiber = [(t, pp) for t, pp in enumerate(fiber) if pp < length]
-            s_all = score(qj[:, :, p], kj[:, :, [pp for _, pp in fiber]])  # (B, H, K)
+            s_all = score(qj[:, :, p], far_k[:, :, [pp for _, pp in fiber]])  # (B, H, K)
             diag = [c for c, (t, _) in enumerate(fiber) if t == i][0]
             query_ok = valid[:, p : p + 1]
 
@@ -173,7 +196,7 @@ def reference_tensorized_attention(
                 earlier = [c for c, (t, _) in enumerate(fiber) if t < i]
                 keys = [fiber[c][1] for c in earlier]
                 s = torch.cat([s_all[..., earlier], diag_score(lse_C)], dim=-1)
-                vals = torch.cat([F[:, :, keys], C[:, :, p : p + 1]], dim=2)
+                vals = torch.cat([F[:, :, keys, :dim], C[:, :, p : p + 1]], dim=2)
                 mask = torch.cat([valid[:, keys], valid[:, p : p + 1]], dim=-1) & query_ok
                 out, lse = _combine(s, vals, mask)
                 new_C.append(out)
@@ -195,5 +218,5 @@ def reference_tensorized_attention(
         if new_F:
             F, lse_F = torch.stack(new_F, 2), torch.stack(new_lse_F, 2)
     if return_full_stream:
-        return C, F
+        return C, F[..., :dim]
     return C

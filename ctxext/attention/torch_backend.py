@@ -47,13 +47,18 @@ def _softcap(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(s / softcap) if softcap else s
 
 
-def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_freq, n: int, need_lse: bool):
+def _local_hop(
+    q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_freq, n: int, need_lse: bool, summary_q=None
+):
     """Hop along the innermost axis (blocks of n slots), with window and sinks.
 
     q: ``(B, Hq, Lp, D)``, already multiplied by the score scale; k, v: ``(B, Hkv, Lp, D)``;
-    valid: ``(B, Lp)`` or None (every slot real); positions: ``(B, Lp)``.
+    valid: ``(B, Lp)`` or None (every slot real); positions: ``(B, Lp)``; summary_q:
+    ``(B, Hq, Lp, D)`` pre-scaled queries of the full stream (``summary="learned"``) or None.
     Returns causal stream and lse, full stream and lse (None for ``dominance`` or when
     there is no outer hop; lse None unless ``need_lse``), ``(B, Hq, Lp, D)`` / ``(B, Hq, Lp)``.
+    With ``summary`` other than ``token`` the full stream has ``2 D`` channels: the values,
+    then the position-free keys (RoPE undone) it pooled.
     Every softmax row keeps at least its own key (padding queries attend to themselves and
     are zeroed at the end), so no row is empty.
     """
@@ -63,7 +68,8 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_
     dev = q.device
     window = opts.local == "window"
     need_full = opts.causal == "complete" and opts.long_range
-    if valid is None and not window and opts.sinks == 0 and not softcap and not need_lse:
+    pooled = need_full and opts.summary != "token"
+    if valid is None and not window and opts.sinks == 0 and not softcap and not need_lse and not pooled:
         return _local_hop_sdpa(q, k, v, n, need_full)
 
     qb = q.view(b, hkv, g, nb, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nb, g * n, d)
@@ -95,22 +101,24 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_
     block_start = torch.arange(nb, device=dev) * n
     n_sinks = min(opts.sinks, lp)
 
-    def with_sinks(s, mask, vals_blocks, range_start):
-        """Prepend the sinks that lie before each block's key range (start: (nb,))."""
+    def with_sinks(s, mask, vals_blocks, range_start, queries=qb, values=v):
+        """Prepend the sinks that lie before each block's key range (start: (nb,)).
+
+        queries: blocked queries ``(B, Hkv, nb, g*n, D)``; values: ``(B, Hkv, Lp, D')``."""
         if n_sinks == 0:
             return s, mask, vals_blocks
-        qs, sink_k = qb, k[:, :, None, :n_sinks]  # sink_k: (B, Hkv, 1, s, D)
+        qs, sink_k = queries, k[:, :, None, :n_sinks]  # sink_k: (B, Hkv, 1, s, D)
         if opts.rope == "axis":  # query to coordinate p - start, sink t to coordinate t
             local = (torch.arange(lp, device=dev).view(nb, n) - range_start.view(nb, 1)).to(q.dtype)
             delta = (local[None] - positions.view(b, nb, n))[:, None, :, None, :]  # (B, 1, nb, 1, n)
-            qs = rerotate(qb, delta.expand(b, 1, nb, g, n).reshape(b, 1, nb, g * n), inv_freq)
+            qs = rerotate(queries, delta.expand(b, 1, nb, g, n).reshape(b, 1, nb, g * n), inv_freq)
             t = torch.arange(n_sinks, device=dev, dtype=q.dtype)
             sink_k = rerotate(sink_k, (t[None] - positions[:, :n_sinks])[:, None, None, :], inv_freq)
         s_sink = _softcap(qs @ sink_k.transpose(-1, -2), softcap).view(b, hkv, nb, g, n, n_sinks)
         t = torch.arange(n_sinks, device=dev)
         sink_ok = (t[None, :] < range_start[:, None])[None] & valid_b.reshape(b, lp)[:, None, :n_sinks]  # (B, nb, s)
         sink_mask = sink_ok[:, None, :, None, None, :].expand(b, 1, nb, 1, n, n_sinks)
-        sink_v = v[:, :, None, :n_sinks].expand(b, hkv, nb, n_sinks, d)
+        sink_v = values[:, :, None, :n_sinks].expand(b, hkv, nb, n_sinks, values.shape[-1])
         return (
             torch.cat([s_sink, s], -1),
             torch.cat([sink_mask, mask.expand(b, 1, nb, 1, n, mask.shape[-1])], -1),
@@ -119,8 +127,9 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_
 
     def attend(s, mask, vals_blocks):
         probs, lse = softmax_rows(s, mask, need_lse)  # (B, Hkv, nb, g, n, K)
-        out = probs.view(b, hkv, nb, g * n, -1) @ vals_blocks  # (B, Hkv, nb, g*n, D)
-        out = out.view(b, hkv, nb, g, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, lp, d)
+        out = probs.view(b, hkv, nb, g * n, -1) @ vals_blocks  # (B, Hkv, nb, g*n, D')
+        width = out.shape[-1]
+        out = out.view(b, hkv, nb, g, n, width).permute(0, 1, 3, 2, 4, 5).reshape(b, hq, lp, width)
         if lse is not None:
             lse = lse.permute(0, 1, 3, 2, 4).reshape(b, hq, lp)
         return out, lse
@@ -129,9 +138,15 @@ def _local_hop(q, k, v, valid, positions, opts: TensorizedOptions, softcap, inv_
     C, lse_C = attend(*with_sinks(scores, causal_mask, vals, causal_start))
     if not need_full:
         return C, lse_C, None, None
-    own_scores = scores[..., -n:]
+    own_scores, full_q, full_v = scores[..., -n:], qb, v
+    if summary_q is not None:  # the full stream asks its own (learned) question of the block
+        full_q = summary_q.view(b, hkv, g, nb, n, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, nb, g * n, d)
+        own_scores = _softcap(full_q @ kb.transpose(-1, -2), softcap).view(b, hkv, nb, g, n, n)
+    if pooled:  # pool the position-free keys beside the values: (B, Hkv, Lp, 2D)
+        full_v = torch.cat([v, rerotate(k, -positions[:, None, :], inv_freq)], dim=-1)
+    full_vb = full_v.view(b, hkv, nb, n, -1)
     full_mask = valid_b[:, None, :, None, None, :] | (own_self & query_bad)
-    Fs, lse_F = attend(*with_sinks(own_scores, full_mask, vb, block_start))
+    Fs, lse_F = attend(*with_sinks(own_scores, full_mask, full_vb, block_start, full_q, full_v))
     return C, lse_C, Fs, lse_F
 
 
@@ -162,10 +177,14 @@ def _local_hop_sdpa(q, k, v, n: int, need_full: bool):
 NO_GRAD_SCORE_BUDGET = 1 << 22
 
 
-def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOptions, softcap, last: bool, need_lse):
+def _outer_hop(
+    q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOptions, softcap, last: bool, need_lse, pooled_k=None
+):
     """Hop along outer axis j of ``axes`` (0-based). Streams ``(B, Hq, Lp, D)``, lse ``(B, Hq, Lp)``.
 
-    q is pre-scaled; valid is ``(B, Lp)`` or None. Every row keeps at least one key. Under
+    q is pre-scaled; valid is ``(B, Lp)`` or None; pooled_k: ``(B, Hq, Lp, D)`` keys of the
+    far entries (their full streams' pooled keys at the hop's coordinates; ``summary`` other
+    than ``token``), None to key them by k. Every row keeps at least one key. Under
     ``torch.no_grad`` the fibers are processed in groups (bounded memory).
     """
     b, hq, lp, d = q.shape
@@ -173,6 +192,8 @@ def _outer_hop(q, k, C, lse_C, Fs, lse_F, valid, axes, j, opts: TensorizedOption
     a, n_j, c = math.prod(axes[:j]), axes[j], math.prod(axes[j + 1 :])
     qf = _to_fibers(q, hkv, axes, j)  # (B, Hkv, A, C, g, n_j, D)
     kf = k.view(b, hkv, a, n_j, c, d).permute(0, 1, 2, 4, 3, 5)  # (B, Hkv, A, C, n_j, D)
+    if pooled_k is not None:
+        kf = _to_fibers(pooled_k, hkv, axes, j)  # (B, Hkv, A, C, g, n_j, D): one key per query head
     ok = None if valid is None else valid.view(b, a, n_j, c).permute(0, 1, 3, 2)  # (B, A, C, n_j)
     complete = opts.causal == "complete"
     fibered = {
@@ -217,7 +238,10 @@ def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: b
     streams: fibered C, F ``(B, Hkv, A, c, g, n, D)`` and lse ``(B, Hkv, A, c, g, n)``;
     ok: ``(B, A, c, n)`` or None. Returns fibered (C, lse_C, F, lse_F)."""
     b, hkv, a, c, g, n, d = qf.shape
-    s = _softcap(qf.reshape(b, hkv, a, c, g * n, d) @ kf.transpose(-1, -2), softcap).view(b, hkv, a, c, g, n, n)
+    if kf.dim() == 7:  # pooled keys, one per query head
+        s = _softcap(qf @ kf.transpose(-1, -2), softcap)
+    else:
+        s = _softcap(qf.reshape(b, hkv, a, c, g * n, d) @ kf.transpose(-1, -2), softcap).view(b, hkv, a, c, g, n, n)
     if far_bias:
         s = s + far_bias  # merge="mass": each entry summarises far_bias = log(s_j) slots (diagonal replaced below)
     i = torch.arange(n, device=qf.device)
@@ -247,7 +271,7 @@ def _outer_fibers(qf, kf, streams, ok, opts: TensorizedOptions, softcap, last: b
         off = off & ~eye  # the diagonal lives in the last column
     mask = torch.cat([off.expand(*logits.shape[:-1], n), torch.ones_like(logits[..., :1], dtype=torch.bool)], -1)
     probs, lse_c = softmax_rows(logits, mask, need_lse and not last)
-    C_out = probs[..., :n] @ F_in + probs[..., n:] * C_in
+    C_out = probs[..., :n] @ F_in[..., :d] + probs[..., n:] * C_in  # F_in may carry pooled keys after d
     if last:
         return C_out, lse_c, None, None
     probs, lse_f = softmax_rows(with_diag(streams["lse_F"]), keys(None), need_lse)
@@ -265,11 +289,13 @@ def torch_tensorized_attention(
     softcap: float | None = None,
     inv_freq: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    summary_query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tensorized attention on slots; arguments and result as in the reference.
 
     q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)``; valid: ``(B, L)`` or None;
-    positions: ``(B, L)`` RoPE positions of the slots, None for ``arange(L)``.
+    positions: ``(B, L)`` RoPE positions of the slots, None for ``arange(L)``;
+    summary_query: ``(Hq, D)`` learned summary query (``summary="learned"``), unrotated.
     Returns ``(B, Hq, L, D)`` in q's dtype.
     """
     opts = options
@@ -294,7 +320,16 @@ def torch_tensorized_attention(
         positions = torch.cat([positions, positions[:, -1:] + 1 + slots[None, :pad]], dim=1)
     positions = positions.to(compute)
 
-    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse)
+    pooled = opts.summary != "token" and opts.causal == "complete" and opts.long_range and len(axes) > 1
+    if pooled and inv_freq is None:
+        raise ValueError(f"summary={opts.summary!r} needs the model's RoPE inverse frequencies (inv_freq)")
+    summary_q = None
+    if pooled and summary_query is not None:  # (Hq, D) at each slot's RoPE position, pre-scaled
+        sq = summary_query.to(compute)[None, :, None, :].expand(b, hq, lp, d)
+        summary_q = q + rerotate(sq, positions[:, None, :], inv_freq) * scaling
+    C, lse_C, Fs, lse_F = _local_hop(
+        q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q
+    )
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):
@@ -302,8 +337,12 @@ def torch_tensorized_attention(
             if idx is not None:  # move each slot from its RoPE position to coordinate i_j
                 delta = (idx[:, j].to(compute)[None] - positions)[:, None, :]  # (B, 1, Lp)
                 qj, kj = rerotate(q, delta, inv_freq), rerotate(k, delta, inv_freq)
+            pooled_k = None
+            if pooled:  # far entries keyed by their pooled keys, rotated to coordinate i_j (axis) or p
+                coord = idx[:, j].to(compute)[None].expand(b, lp) if idx is not None else positions
+                pooled_k = rerotate(Fs[..., d:], coord[:, None, :], inv_freq)
             C, lse_C, Fs, lse_F = _outer_hop(
-                qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, softcap, j == 0, need_lse
+                qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, softcap, j == 0, need_lse, pooled_k
             )
     C = C[:, :, :length]
     if valid is not None:  # padding queries attended to themselves: zero them

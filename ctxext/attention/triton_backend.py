@@ -38,6 +38,8 @@ def unsupported_reason(
     """Why the kernels cannot run these settings (None when they can). Needs no triton."""
     if options.sinks > 0:
         return f"sinks={options.sinks} is not fused into the kernels yet (sinks=0 runs fused)"
+    if options.summary != "token":
+        return f"summary={options.summary!r} is not fused into the kernels yet"
     if options.merge not in ("score", "lse", "mass"):
         return f"merge={options.merge!r} is not implemented in the kernels"
     if dtype not in KERNEL_DTYPES:

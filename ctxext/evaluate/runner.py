@@ -124,6 +124,7 @@ def _load_adapter(path: Path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from ..attention import summary
     from ..attention.options import TensorizedOptions
     from ..models import apply_tensorized, load_causal_lm, resolve_source
     from ..train import SETTINGS_FILE, TRAINABLE_FILE
@@ -140,6 +141,7 @@ def _load_adapter(path: Path):
         with torch.no_grad():
             for name, tensor in load_file(str(path / TRAINABLE_FILE)).items():
                 params[name].copy_(tensor)
+    summary.load(model, path)
     from transformers import AutoTokenizer
 
     return model.merge_and_unload(), AutoTokenizer.from_pretrained(path)
