@@ -220,7 +220,10 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
     if getattr(data, "retrieval", 0.0):
         from .retrieval_data import mix_retrieval
 
-        stacked = mix_retrieval(stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed)
+        try:
+            stacked = mix_retrieval(stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     result = TokenBlocks(stacked, documents, tokens_read, cache_path)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ magic number``), so evaluation measures transfer, not memorised phrasing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -26,12 +28,30 @@ def _record(rng: np.random.Generator) -> tuple[str, str]:
     return name, code
 
 
-def retrieval_block(text: np.ndarray, tokenizer, records: int, rng: np.random.Generator) -> np.ndarray:
+@dataclass
+class RetrievalBlock:
+    """A retrieval block: ``ids`` ``(L,)`` and, per record, where it is stated and recalled.
+
+    statements[r]: token offset where record r's statement starts; answers[r]: ``(start, end)``
+    token offsets of the code in its recall (the tokens a model must retrieve).
+    """
+
+    ids: np.ndarray
+    statements: list[int]
+    answers: list[tuple[int, int]]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.Generator) -> RetrievalBlock:
     """One retrieval block of ``len(text)`` tokens built on the token ids ``text``.
 
-    text: ``(L,)`` int64 token ids of ordinary text. Returns ``(L,)`` int64: the text (cut to
-    make room) with ``records`` statements inserted at random token offsets in its first 90%
-    and their recalls, shuffled, at the end.
+    text: ``(L,)`` int64 token ids of ordinary text. The result keeps the text (cut to make
+    room) with ``records`` statements inserted at random token offsets in its first 90% and
+    their recalls, shuffled, at the end. Recalls are tokenised in pieces (prefix, code, full
+    stop) so the code's tokens are known exactly.
     """
     length = len(text)
     pairs: list[tuple[str, str]] = []
@@ -39,26 +59,42 @@ def retrieval_block(text: np.ndarray, tokenizer, records: int, rng: np.random.Ge
         pair = _record(rng)
         if pair[0] not in {p[0] for p in pairs}:
             pairs.append(pair)
-    statements = [tokenizer(f" Record {n} holds {c}.", add_special_tokens=False).input_ids for n, c in pairs]
+    statements = [_ids(tokenizer, f" Record {n} holds {c}.") for n, c in pairs]
     order = rng.permutation(records)
-    recalls = [tokenizer(f"\nRecord {pairs[i][0]} holds {pairs[i][1]}.", add_special_tokens=False).input_ids for i in order]
-    tail = [t for r in recalls for t in r]
-    room = length - len(tail) - sum(len(s) for s in statements)
+    recalls = [
+        (_ids(tokenizer, f"\nRecord {pairs[i][0]} holds"), _ids(tokenizer, f" {pairs[i][1]}"), _ids(tokenizer, "."))
+        for i in order
+    ]
+    tail_len = sum(len(a) + len(b) + len(c) for a, b, c in recalls)
+    room = length - tail_len - sum(len(s) for s in statements)
     if room < length // 4:
         raise ValueError(
             f"data.retrieval_records={records} leaves too little text in a block of {length} tokens; "
             "lower data.retrieval_records or raise data.seq_len"
         )
-    filler = list(text[:room])
+    filler = [int(t) for t in text[:room]]
     cuts = np.sort(rng.integers(0, int(room * 0.9) + 1, records))
     out: list[int] = []
+    starts = []
     last = 0
     for cut, statement in zip(cuts, statements):
-        out += filler[last:cut] + statement
+        out += filler[last:cut]
+        starts.append(len(out))
+        out += statement
         last = cut
-    out += filler[last:] + tail
+    out += filler[last:]
+    answers: list[tuple[int, int]] = [(0, 0)] * records
+    for i, (prefix, code, stop) in zip(order, recalls):
+        out += prefix
+        answers[i] = (len(out), len(out) + len(code))
+        out += code + stop
     assert len(out) == length
-    return np.asarray(out, dtype=np.int64)
+    return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers)
+
+
+def retrieval_block(text: np.ndarray, tokenizer, records: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``(L,)`` token ids of :func:`retrieval_layout`."""
+    return retrieval_layout(text, tokenizer, records, rng).ids
 
 
 def mix_retrieval(blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int) -> np.ndarray:

@@ -21,13 +21,13 @@ import warnings
 
 import torch
 
+from . import summary
 from .cache import cached_tensorized_attention, layer_for_keys
 from .context_parallel import active_group, context_parallel_attention
 from .exact import exact_causal_attention
 from .ops import tensorized_attention_with_options
 from .options import TensorizedOptions
 from .rope import inv_freq_from_config
-from . import summary
 
 ATTN_IMPLEMENTATION = "tensorized"
 CONFIG_KEY = "tensorized_attention"

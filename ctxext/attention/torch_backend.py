@@ -327,9 +327,7 @@ def torch_tensorized_attention(
     if pooled and summary_query is not None:  # (Hq, D) at each slot's RoPE position, pre-scaled
         sq = summary_query.to(compute)[None, :, None, :].expand(b, hq, lp, d)
         summary_q = q + rerotate(sq, positions[:, None, :], inv_freq) * scaling
-    C, lse_C, Fs, lse_F = _local_hop(
-        q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q
-    )
+    C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q)
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):

@@ -98,7 +98,9 @@ def test_zero_learned_query_equals_pooled_and_pooled_differs_from_token():
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=40, dim=8, seed=8)
     base = {"causal": "complete", "rope": "absolute", "sinks": 2, "local": "window", "merge": "mass"}
     pooled = run("torch", q, k, v, (4,), {**base, "summary": "pooled"})
-    learned0 = run("torch", q, k, v, (4,), {**base, "summary": "learned"}, summary_query=torch.zeros(4, 8, dtype=oc.F64))
+    learned0 = run(
+        "torch", q, k, v, (4,), {**base, "summary": "learned"}, summary_query=torch.zeros(4, 8, dtype=oc.F64)
+    )
     oc.assert_close(learned0, pooled, 1e-12, "zero learned query")
     token = run("torch", q, k, v, (4,), {**base, "summary": "token"})
     learned = run("torch", q, k, v, (4,), {**base, "summary": "learned"}, summary_query=_query(4, 8))
@@ -121,7 +123,9 @@ def test_gradients_match_reference_and_gradcheck(rope):
         oc.assert_close(got, want, 1e-10, f"grad {name}")
     q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=10, dim=4, seed=1, requires_grad=True)
     sq = _query(2, 4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda q, k, v, s: run("torch", q, k, v, (2, 3), opts, summary_query=s), (q, k, v, sq))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, s: run("torch", q, k, v, (2, 3), opts, summary_query=s), (q, k, v, sq)
+    )
 
 
 def test_options_refuse_summary_without_complete_lse():
@@ -141,14 +145,39 @@ def test_public_operator_checks_summary_query_and_frequencies():
         tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary="pooled")
     inv = oc.rope_inv_freq(8)
     with pytest.raises(ValueError, match=r"summary_query of shape \(3, 8\)"):
-        tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary="learned", rope_inv_freq=inv,
-                             summary_query=torch.zeros(3, 8, dtype=oc.F64))
+        tensorized_attention(
+            q,
+            k,
+            v,
+            block_sizes=(4,),
+            merge="lse",
+            summary="learned",
+            rope_inv_freq=inv,
+            summary_query=torch.zeros(3, 8, dtype=oc.F64),
+        )
     with pytest.raises(ValueError, match="needs summary='learned'"):
-        tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary="pooled", rope_inv_freq=inv,
-                             summary_query=torch.zeros(4, 8, dtype=oc.F64))
+        tensorized_attention(
+            q,
+            k,
+            v,
+            block_sizes=(4,),
+            merge="lse",
+            summary="pooled",
+            rope_inv_freq=inv,
+            summary_query=torch.zeros(4, 8, dtype=oc.F64),
+        )
     sq = _query(4, 8)
     for backend in ("torch", "reference"):
-        out = tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary="learned", rope_inv_freq=inv,
-                                   summary_query=sq, backend=backend)
+        out = tensorized_attention(
+            q,
+            k,
+            v,
+            block_sizes=(4,),
+            merge="lse",
+            summary="learned",
+            rope_inv_freq=inv,
+            summary_query=sq,
+            backend=backend,
+        )
         want = run("torch", q, k, v, (4,), {"merge": "lse", "summary": "learned"}, summary_query=sq)
         oc.assert_close(out, want, 1e-10, backend)

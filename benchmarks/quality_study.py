@@ -1,0 +1,415 @@
+"""The quality study of issue 8 in one command: fine-tune every recipe of ``recipes/study/``,
+evaluate each result and the base model, and write one report with tables and plots.
+
+    python benchmarks/quality_study.py                     # train what is missing, evaluate, report
+    python benchmarks/quality_study.py --stage report      # rebuild the report from finished runs
+    python benchmarks/quality_study.py --only window,learned --jobs 2
+
+Every stage skips work whose output already exists (delete a run's directory to redo it), so
+an interrupted study resumes where it stopped. Per model:
+
+* **perplexity** against length on held-out text: Python standard-library *packages*
+  (``email``, ``tkinter``, ``pydoc_data``, ...). Training reads only the top-level modules
+  (``data.source: stdlib``), so none of these files was trained on.
+* **passkey** (``ctxext eval``'s wording, never seen in training) at lengths T..8T and
+  depths 0.1 / 0.5 / 0.9, teacher-forced argmax. At T = 2048 with an exact window of 256
+  tokens, depths 0.1 and 0.5 lie beyond the window at every length: a window-only model
+  cannot retrieve them except through 30 layers of window hops.
+* **recall** of held-out retrieval blocks (the training data's format, new records, held-out
+  text): the share of recalled codes predicted exactly, split by the distance from the
+  statement (within the exact window or beyond it). This isolates whether the long-range
+  path carries information on the trained task from whether the skill transfers to passkey.
+
+Outputs: ``<out>/eval/<model>-{ppl,passkey}/`` (``ctxext eval`` reports), ``<out>/recall/``,
+and ``docs/study/report.md`` with ``ppl_vs_length.png``, ``passkey.png``, ``recall.png`` and
+``train_loss.png`` (or ``--report-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT_PACKAGES = ("pydoc_data", "tkinter", "email", "unittest", "idlelib", "urllib", "logging", "http", "xml")
+BASELINES = {"base": "smollm2", "base+yarn4": "smollm2"}  # SmolLM2 with its own full attention
+
+
+def held_out_data() -> str:
+    """Comma-separated standard-library package directories (never in the training data)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return ",".join(str(root / p) for p in HELD_OUT_PACKAGES if (root / p).is_dir())
+
+
+def load_recipes(folder: Path, only: set[str] | None) -> dict[str, dict]:
+    import yaml
+
+    out = {}
+    for path in sorted(folder.glob("*.yaml")):
+        name = path.stem
+        if only and name not in only:
+            continue
+        raw = yaml.safe_load(path.read_text())
+        out[name] = {"path": path, "output_dir": ROOT / raw["train"]["output_dir"], "raw": raw}
+    return out
+
+
+def run(cmd: list[str], log: Path, threads: int) -> None:
+    """Run a command with ``threads`` intra-op threads, its output to ``log``; raise on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_MININTERVAL": "30"}
+    start = time.time()
+    print(f"[study] {' '.join(cmd)}  (log: {log})", flush=True)
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code:
+        raise SystemExit(f"[study] failed ({code}) after {time.time() - start:.0f} s: see {log}")
+    print(f"[study] done in {time.time() - start:.0f} s: {' '.join(cmd[:4])}", flush=True)
+
+
+def train_jobs(recipes: dict[str, dict], out: Path) -> list[tuple[list[str], Path]]:
+    jobs = []
+    for name, r in recipes.items():
+        if (r["output_dir"] / "adapter" / "adapter_config.json").is_file():
+            continue
+        jobs.append(
+            (
+                [sys.executable, "-m", "ctxext", "finetune", "--recipe", str(r["path"])],
+                out / "logs" / f"train-{name}.log",
+            )
+        )
+    return jobs
+
+
+def models(recipes: dict[str, dict], with_baselines: bool) -> dict[str, tuple[str, list[str]]]:
+    """label -> (source, extra eval arguments)."""
+    out = {name: (str(r["output_dir"] / "adapter"), []) for name, r in recipes.items()}
+    if with_baselines:
+        out["base"] = ("smollm2", [])
+    return out
+
+
+def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
+    jobs = []
+    data = held_out_data()
+    for label, (source, extra) in models_.items():
+        full = label.startswith(("base", "full"))  # full attention: quadratic, keep lengths it can afford here
+        ppl_lengths = args.ppl_lengths_full if full else args.ppl_lengths
+        for task, lengths, more in (
+            ("ppl", ppl_lengths, ["--data", data, "--docs", str(args.docs)]),
+            ("passkey", args.passkey_lengths, ["--depths", args.depths, "--trials", str(args.trials)]),
+        ):
+            report = out / "eval" / f"{label}-{task}"
+            if (report / "report.json").is_file():
+                continue
+            compare = ["--compare", "base+yarn4"] if label == "base" else []
+            cmd = [sys.executable, "-m", "ctxext", "eval", source, "--out", str(report), "--tasks", task]
+            cmd += ["--lengths", lengths, "--force", *more, *compare, *extra]
+            jobs.append((cmd, out / "logs" / f"eval-{label}-{task}.log"))
+    return jobs
+
+
+def recall_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
+    jobs = []
+    for label, (source, _) in models_.items():
+        path = out / "recall" / f"{label}.json"
+        if path.is_file():
+            continue
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--recall-one", source, "--recall-out", str(path)]
+        cmd += ["--recall-blocks", str(args.recall_blocks), "--recall-length", str(args.recall_length)]
+        cmd += ["--recall-records", str(args.recall_records), "--recall-window", str(args.recall_window)]
+        jobs.append((cmd, out / "logs" / f"recall-{label}.log"))
+    return jobs
+
+
+def recall_one(source: str, out: Path, blocks: int, length: int, records: int = 16, window: int = 256) -> None:
+    """Teacher-forced recall accuracy on held-out retrieval blocks, by statement distance."""
+    import torch
+
+    from ctxext.data import iter_documents
+    from ctxext.evaluate.runner import ModelEntry, load_entry
+    from ctxext.retrieval_data import retrieval_layout
+
+    torch.manual_seed(0)
+    model, tok = load_entry(ModelEntry(label="m", source=source), torch.device("cpu"))
+    stream: list[int] = []
+    for text in iter_documents(held_out_data()):
+        stream += tok(text, add_special_tokens=False).input_ids
+        if len(stream) >= blocks * length:
+            break
+    rng = np.random.default_rng([2026, 11])
+    rows = []
+    with torch.no_grad():
+        for b in range(blocks):
+            layout = retrieval_layout(np.asarray(stream[b * length : (b + 1) * length]), tok, records, rng)
+            ids = torch.as_tensor(layout.ids)[None]
+            logits = model(ids, use_cache=False).logits[0]
+            pred = logits.argmax(-1)
+            for start, (a0, a1) in zip(layout.statements, layout.answers):
+                ok = bool((pred[a0 - 1 : a1 - 1] == ids[0, a0:a1]).all())
+                rows.append({"distance": a0 - start, "correct": ok})
+    within = [r["correct"] for r in rows if r["distance"] <= window]
+    beyond = [r["correct"] for r in rows if r["distance"] > window]
+    result = {
+        "source": source,
+        "blocks": blocks,
+        "length": length,
+        "records": records,
+        "window": window,
+        "within": {"n": len(within), "accuracy": float(np.mean(within)) if within else None},
+        "beyond": {"n": len(beyond), "accuracy": float(np.mean(beyond)) if beyond else None},
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
+def run_jobs(jobs, jobs_at_once: int, threads: int) -> None:
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
+        for f in [pool.submit(run, cmd, log, threads) for cmd, log in jobs]:
+            f.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def _settings(recipe: dict | None) -> str:
+    if recipe is None:
+        return "SmolLM2-135M as shipped (full attention, SDPA), not fine-tuned"
+    m = recipe["raw"]["model"]
+    if m.get("attention", "tensorized") != "tensorized":
+        return f"full attention ({m['attention']}), fine-tuned"
+    t = m.get("tensorized", {})
+    return ", ".join(f"{k}={v}" for k, v in t.items())
+
+
+def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    ppl: dict[str, dict[int, float]] = {}
+    passkey: dict[str, dict[int, dict[str, float]]] = {}
+    protocol = {}
+    for label in models_:
+        for task in ("ppl", "passkey"):
+            path = out / "eval" / f"{label}-{task}" / "report.json"
+            if not path.is_file():
+                continue
+            rep = json.loads(path.read_text())
+            protocol[task] = rep["protocol"]
+            for m in rep["models"]:
+                name = label if m["label"] == rep["models"][0]["label"] else f"{label}+{m['label'].split('+')[-1]}"
+                if task == "ppl":
+                    ppl[name] = {int(n): c["ppl"] for n, c in rep["perplexity"][m["label"]].items() if c.get("ppl")}
+                else:
+                    passkey[name] = {int(n): cell for n, cell in rep["tasks"]["passkey"][m["label"]].items()}
+    recall = {}
+    for label in models_:
+        path = out / "recall" / f"{label}.json"
+        if path.is_file():
+            recall[label] = json.loads(path.read_text())
+
+    lengths_t = sorted({r["raw"]["data"]["seq_len"] for r in recipes.values()})
+    lines = [f"# Quality study (issue 8): fine-tuned at T = {', '.join(f'{n:,}' for n in lengths_t)}", ""]
+    lines += ["Generated by `python benchmarks/quality_study.py`; recipes in `recipes/study/`.", ""]
+    lines += ["| model | settings | steps | train tokens | final loss (mean of last 10) |", "|---|---|---|---|---|"]
+    for name in models_:
+        r = recipes.get(name)
+        if r is None:
+            lines.append(f"| {name} | {_settings(None)} | 0 | 0 | - |")
+            continue
+        metrics = r["output_dir"] / "metrics.jsonl"
+        losses = (
+            [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+            if metrics.is_file()
+            else []
+        )
+        steps = r["raw"]["train"]["steps"]
+        t = r["raw"]["train"]
+        tokens = steps * r["raw"]["data"]["seq_len"] * t.get("batch_size", 1) * t.get("grad_accum", 1)
+        final = f"{np.mean(losses[-10:]):.3f}" if losses else "-"
+        lines.append(f"| {name} | {_settings(r)} | {steps} | {tokens:,} | {final} |")
+
+    if ppl:
+        lengths = sorted({n for row in ppl.values() for n in row})
+        lines += ["", "## Perplexity against length (held-out standard-library packages)", ""]
+        lines += ["| model | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        for name, row in ppl.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[n]:.2f}" if n in row else "-" for n in lengths) + " |")
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, row in ppl.items():
+            xs = sorted(row)
+            ax.plot(xs, [row[x] for x in xs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens scored (document prefix length)")
+        ax.set_ylabel("perplexity")
+        ax.axvline(8192, color="grey", ls=":", lw=1)
+        ax.set_title("Perplexity vs length (T = 2,048; SmolLM2 native 8,192 dotted)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(report_dir / "ppl_vs_length.png", dpi=120)
+        plt.close(fig)
+        if "ppl" in protocol:
+            p = protocol["ppl"]["perplexity"]
+            lines += ["", f"Documents per length: {p.get('documents_per_length')}; scoring: {p.get('scoring')}."]
+
+    if passkey:
+        lengths = sorted({n for row in passkey.values() for n in row})
+        depths = sorted({d for row in passkey.values() for cell in row.values() for d in cell}, key=float)
+        lines += ["", "## Passkey (teacher-forced), accuracy per length and depth", ""]
+        head = [f"{n:,} @ {d}" for n in lengths for d in depths]
+        lines += ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        for name, row in passkey.items():
+            cells = [f"{row[n][d]:.0%}" if n in row and d in row[n] else "-" for n in lengths for d in depths]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "passkey" in protocol:
+            p = protocol["passkey"]["retrieval"]
+            lines += ["", f"Trials per cell: {p['trials_per_cell']} (seeds {p['seeds']}); {p['scoring']}."]
+        fig, axes = plt.subplots(1, len(passkey), figsize=(2.6 * len(passkey), 2.8), squeeze=False)
+        for ax, (name, row) in zip(axes[0], passkey.items()):
+            grid = np.array([[row.get(n, {}).get(d, np.nan) for n in lengths] for d in depths])
+            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), depths, fontsize=7)
+            ax.set_title(name, fontsize=8)
+        axes[0][0].set_ylabel("depth")
+        fig.suptitle("Passkey accuracy (yellow = 100%)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(report_dir / "passkey.png", dpi=120)
+        plt.close(fig)
+
+    if recall:
+        lines += ["", "## Recall of held-out retrieval blocks (training format, new records and text)", ""]
+        window = next(iter(recall.values()))["window"]
+        lines += [f"| model | within the window (<= {window} tokens) | beyond the window |", "|---|---|---|"]
+        for name, r in recall.items():
+            w, b = r["within"], r["beyond"]
+            cells = [f"{c['accuracy']:.0%} (n={c['n']})" if c["n"] else "- (n=0)" for c in (w, b)]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        window = next(iter(recall.values()))["window"]
+        bins = np.array([0, window // 2, window, 2 * window, 4 * window, 8 * window])
+        for name, r in recall.items():
+            dist = np.array([x["distance"] for x in r["rows"]])
+            ok = np.array([x["correct"] for x in r["rows"]], dtype=float)
+            idx = np.digitize(dist, bins[1:-1])
+            acc = [ok[idx == i].mean() if (idx == i).any() else np.nan for i in range(len(bins) - 1)]
+            ax.plot(range(len(acc)), acc, marker="o", label=name)
+        ax.set_xticks(range(len(bins) - 1), [f"{a}-{b}" for a, b in zip(bins[:-1], bins[1:])])
+        ax.set_xlabel("tokens from statement to recall")
+        ax.set_ylabel("codes recalled exactly")
+        ax.axvline(1.5, color="grey", ls=":", lw=1)
+        ax.set_title(f"Recall vs distance (the exact window ends at {window}, dotted)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(report_dir / "recall.png", dpi=120)
+        plt.close(fig)
+
+    curves = {}
+    for name, r in recipes.items():
+        metrics = r["output_dir"] / "metrics.jsonl"
+        if metrics.is_file():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+            curves[name] = [(x["step"], x["loss"]) for x in rows]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, pts in curves.items():
+            steps, losses = zip(*pts)
+            w = min(5, len(losses))
+            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+            ax.plot(steps[w - 1 :], smooth, label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (moving mean of 5)")
+        ax.set_title("Training loss")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(report_dir / "train_loss.png", dpi=120)
+        plt.close(fig)
+        lines += ["", "![training loss](train_loss.png)"]
+    for img in ("ppl_vs_length.png", "passkey.png", "recall.png"):
+        if (report_dir / img).is_file():
+            lines += ["", f"![{img[:-4]}]({img})"]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (report_dir / "study.json").write_text(
+        json.dumps(
+            {
+                "ppl": ppl,
+                "passkey": passkey,
+                "recall": {k: {"within": v["within"], "beyond": v["beyond"]} for k, v in recall.items()},
+            },
+            indent=1,
+        )
+    )
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--recipes", type=Path, default=ROOT / "recipes" / "study")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    ap.add_argument("--report-dir", type=Path, default=ROOT / "docs" / "study")
+    ap.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the base model and base+yarn4")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets --threads threads)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ppl-lengths", default="2k,4k,8k,16k,32k")
+    ap.add_argument("--ppl-lengths-full", default="2k,4k,8k,16k", help="full-attention models (quadratic on CPU)")
+    ap.add_argument("--passkey-lengths", default="2k,4k,8k,16k")
+    ap.add_argument("--depths", default="0.1,0.5,0.9")
+    ap.add_argument("--trials", type=int, default=1)
+    ap.add_argument("--docs", type=int, default=1)
+    ap.add_argument("--recall-blocks", type=int, default=8)
+    ap.add_argument("--recall-length", type=int, default=2048)
+    ap.add_argument("--recall-records", type=int, default=16)
+    ap.add_argument("--recall-window", type=int, default=256, help="exact window of the models (2 x block)")
+    ap.add_argument("--recall-one", help=argparse.SUPPRESS)
+    ap.add_argument("--recall-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.recall_one:
+        recall_one(
+            args.recall_one,
+            args.recall_out,
+            args.recall_blocks,
+            args.recall_length,
+            args.recall_records,
+            args.recall_window,
+        )
+        return
+    only = {s for s in args.only.split(",") if s} or None
+    recipes = load_recipes(args.recipes, only)
+    if not recipes:
+        raise SystemExit(f"no recipes in {args.recipes}" + (f" named {sorted(only)}" if only else ""))
+    models_ = models(recipes, with_baselines=not args.no_baselines and only is None)
+    if args.stage in ("all", "train"):
+        run_jobs(train_jobs(recipes, args.out), args.jobs, args.threads)
+    if args.stage in ("all", "eval"):
+        ready = {k: v for k, v in models_.items() if k not in recipes or (Path(v[0]) / "adapter_config.json").is_file()}
+        run_jobs(eval_jobs(ready, args.out, args) + recall_jobs(ready, args.out, args), args.jobs, args.threads)
+    if args.stage in ("all", "report"):
+        print(f"[study] report: {report(recipes, models_, args.out, args.report_dir)}")
+
+
+if __name__ == "__main__":
+    main()
