@@ -62,6 +62,7 @@ def convert(
     local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "block",
     merge: Annotated[str, typer.Option(help="score | lse | mass")] = "score",
     long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
+    summary: Annotated[str, typer.Option(help="token | pooled | learned (far-entry summaries)")] = "token",
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -87,6 +88,7 @@ def convert(
             local=local,
             merge=merge,
             long_range=long_range,
+            summary=summary,
             backend=backend,
         )
         errors = options.problems(where="option")

@@ -1,0 +1,52 @@
+"""``benchmarks/quality_study.py`` end to end on the tiny model: train, evaluate, recall, report;
+a second run resumes (skips finished work)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "benchmarks" / "quality_study.py"
+
+
+def test_study_trains_evaluates_and_reports_on_the_tiny_model(tmp_path):
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny-debug.yaml").read_text())
+    recipe["model"]["tensorized"] = {
+        "block_sizes": [16],
+        "causal": "complete",
+        "sinks": 2,
+        "local": "window",
+        "merge": "mass",
+        "summary": "learned",
+    }
+    recipe["data"].update(
+        seq_len=512, retrieval=0.5, retrieval_records=2, max_tokens=8192, cache_dir=str(tmp_path / "c")
+    )
+    recipe["train"].update(output_dir=str(tmp_path / "run" / "tiny"), steps=2, save_every=0)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    args = [sys.executable, str(SCRIPT), "--recipes", str(tmp_path / "recipes"), "--out", str(tmp_path / "study")]
+    args += ["--report-dir", str(tmp_path / "report"), "--only", "tiny", "--ppl-lengths", "256,512"]
+    args += ["--passkey-lengths", "512", "--recall-blocks", "1", "--recall-length", "512", "--recall-records", "2"]
+    args += ["--recall-window", "32"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("Perplexity against length", "Passkey", "Recall of held-out retrieval blocks"):
+        assert heading in report
+    assert "| tiny | block_sizes=[16]" in report and "summary=learned" in report
+    for png in ("ppl_vs_length.png", "passkey.png", "recall.png", "train_loss.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000, png
+    study = json.loads((tmp_path / "report" / "study.json").read_text())
+    assert set(study["ppl"]["tiny"]) == {"256", "512"} and all(v > 1 for v in study["ppl"]["tiny"].values())
+    recall = json.loads((tmp_path / "study" / "recall" / "tiny.json").read_text())
+    assert recall["within"]["n"] + recall["beyond"]["n"] == 2
+
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "ctxext finetune" not in again.stdout and "ctxext eval" not in again.stdout, "finished work is skipped"
