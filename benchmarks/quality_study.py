@@ -104,9 +104,10 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     for label, (source, extra) in models_.items():
         full = label.startswith(("base", "full"))  # full attention: quadratic, keep lengths it can afford here
         ppl_lengths = args.ppl_lengths_full if full else args.ppl_lengths
+        passkey_lengths = args.passkey_lengths_full if full else args.passkey_lengths
         for task, lengths, more in (
             ("ppl", ppl_lengths, ["--data", data, "--docs", str(args.docs)]),
-            ("passkey", args.passkey_lengths, ["--depths", args.depths, "--trials", str(args.trials)]),
+            ("passkey", passkey_lengths, ["--depths", args.depths, "--trials", str(args.trials)]),
         ):
             report = out / "eval" / f"{label}-{task}"
             if (report / "report.json").is_file():
@@ -377,6 +378,7 @@ def main() -> None:
     ap.add_argument("--ppl-lengths", default="2k,4k,8k,16k,32k")
     ap.add_argument("--ppl-lengths-full", default="2k,4k,8k,16k", help="full-attention models (quadratic on CPU)")
     ap.add_argument("--passkey-lengths", default="2k,4k,8k,16k")
+    ap.add_argument("--passkey-lengths-full", default="2k,4k,8k", help="full-attention models")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--trials", type=int, default=1)
     ap.add_argument("--docs", type=int, default=1)

@@ -135,7 +135,7 @@ def tensorized_attention_forward(
     elif cp_group is not None:  # context parallel: this rank holds a shard of the sequence (DESIGN.md section 7)
         out = context_parallel_attention(query, key, value, opts, group=cp_group, **common)
     else:
-        extra = {"summary_query": summary.query_for(module)} if opts.summary == "learned" else {}
+        extra = summary.arguments_for(module) if opts.summary == "learned" else {}
         out = tensorized_attention_with_options(query, key, value, opts, **common, **extra)
     return out.transpose(1, 2).contiguous(), None
 

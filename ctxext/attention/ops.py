@@ -121,6 +121,7 @@ def tensorized_attention(
     long_range: bool = True,
     summary: str = "token",
     summary_query: torch.Tensor | None = None,
+    summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     padding_mask: torch.Tensor | None = None,
     scaling: float | None = None,
@@ -145,6 +146,8 @@ def tensorized_attention(
             summarised and keyed (``complete`` only; see :class:`TensorizedOptions`).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
+        summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
+            own key (``summary="learned"``; None: pooled keys only).
         position_ids: ``(B, N)`` or ``(1, N)`` RoPE positions q and k were rotated at
             (None: ``arange(N)``); strictly increasing over real tokens. Real tokens are
             folded onto consecutive slots, so padding never moves a token's multi-index.
@@ -181,6 +184,7 @@ def tensorized_attention(
         softcap=softcap,
         rope_inv_freq=rope_inv_freq,
         summary_query=summary_query,
+        summary_gate=summary_gate,
     )
 
 
@@ -196,6 +200,7 @@ def tensorized_attention_with_options(
     softcap: float | None = None,
     rope_inv_freq: torch.Tensor | None = None,
     summary_query: torch.Tensor | None = None,
+    summary_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`tensorized_attention` with already validated options (the transformers path)."""
     check_shapes(q, k, v)
@@ -209,6 +214,11 @@ def tensorized_attention_with_options(
         raise ValueError(
             f"summary_query of shape {tuple(summary_query.shape)} needs summary='learned' (got {opts.summary!r}) "
             f"and shape (Hq, D) = {(q.shape[1], q.shape[-1])}"
+        )
+    if summary_gate is not None and (opts.summary != "learned" or summary_gate.shape != (q.shape[1],)):
+        raise ValueError(
+            f"summary_gate of shape {tuple(summary_gate.shape)} needs summary='learned' (got {opts.summary!r}) "
+            f"and shape (Hq,) = {(q.shape[1],)}"
         )
     plan = plan_fold(q.shape[0], q.shape[-2], position_ids, padding_mask, q.device)
     qs, ks, vs = fold(q, plan), fold(k, plan), fold(v, plan)
@@ -229,6 +239,6 @@ def tensorized_attention_with_options(
         softcap=softcap,
         inv_freq=rope_inv_freq,
         positions=plan.positions,
-        **({"summary_query": summary_query} if summary_query is not None else {}),
+        **{k: t for k, t in (("summary_query", summary_query), ("summary_gate", summary_gate)) if t is not None},
     )
     return unfold(out.to(q.dtype), plan)

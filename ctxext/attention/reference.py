@@ -29,7 +29,9 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   entry's RoPE position) instead of by the entry's own key; outer full streams carry the
   pooled keys on to the next hop. ``"learned"`` also adds the learned summary query
   ``summary_query[h]``, rotated to the slot's RoPE position, to the query of every full
-  stream of the local hop (causal streams keep the token's own query).
+  stream of the local hop (causal streams keep the token's own query), and, with
+  ``summary_gate[h]``, keys a far entry by ``own key + gate * (pooled key - own key)``: both
+  start at zero, so a freshly converted ``learned`` model computes ``summary="token"``.
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -75,6 +77,7 @@ def reference_tensorized_attention(
     positions: torch.Tensor | None = None,
     return_full_stream: bool = False,
     summary_query: torch.Tensor | None = None,
+    summary_gate: torch.Tensor | None = None,
 ):
     """Tensorized attention on slots.
 
@@ -83,7 +86,8 @@ def reference_tensorized_attention(
     inv_freq: ``(r/2,)`` RoPE inverse frequencies, required for ``rope="axis"``;
     positions: ``(B, L)`` RoPE position q and k of each slot were rotated at, None when
     slot s was rotated at position s.
-    summary_query: ``(Hq, D)`` learned summary query, unrotated (``summary="learned"``).
+    summary_query: ``(Hq, D)`` learned summary query, unrotated (``summary="learned"``);
+    summary_gate: ``(Hq,)`` share of the pooled key in a far entry's key, None for 1.
     Returns ``(B, Hq, L, D)`` (and the full stream after the last hop, ``complete`` only,
     when ``return_full_stream``).
     """
@@ -174,6 +178,8 @@ def reference_tensorized_attention(
         if pooled:  # each entry's pooled key, rotated to its coordinate i_j (axis) or its position
             coord = coord[None].expand(batch, length) if opts.rope == "axis" else pos
             far_k = rerotate(F[..., dim:], coord[:, None, :], inv_freq)
+            if summary_gate is not None:  # key = own + gate * (pooled - own)
+                far_k = kj + summary_gate.to(compute)[None, :, None, None] * (far_k - kj)
         last_hop = j == 0
         new_C, new_lse_C, new_F, new_lse_F = [], [], [], []
         for p in range(length):

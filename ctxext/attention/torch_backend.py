@@ -290,12 +290,15 @@ def torch_tensorized_attention(
     inv_freq: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     summary_query: torch.Tensor | None = None,
+    summary_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tensorized attention on slots; arguments and result as in the reference.
 
     q: ``(B, Hq, L, D)``; k, v: ``(B, Hkv, L, D)``; valid: ``(B, L)`` or None;
     positions: ``(B, L)`` RoPE positions of the slots, None for ``arange(L)``;
-    summary_query: ``(Hq, D)`` learned summary query (``summary="learned"``), unrotated.
+    summary_query: ``(Hq, D)`` learned summary query (``summary="learned"``), unrotated;
+    summary_gate: ``(Hq,)`` share of the pooled key in a far entry's key (the rest is the
+    entry's own key), None for 1 (pure pooled keys).
     Returns ``(B, Hq, L, D)`` in q's dtype.
     """
     opts = options
@@ -338,7 +341,10 @@ def torch_tensorized_attention(
             pooled_k = None
             if pooled:  # far entries keyed by their pooled keys, rotated to coordinate i_j (axis) or p
                 coord = idx[:, j].to(compute)[None].expand(b, lp) if idx is not None else positions
-                pooled_k = rerotate(Fs[..., d:], coord[:, None, :], inv_freq)
+                pooled_k = rerotate(Fs[..., d:], coord[:, None, :], inv_freq)  # (B, Hq, Lp, D)
+                if summary_gate is not None:  # blend with the entry's own key: gate 0 is summary="token"
+                    own = kj.repeat_interleave(hq // kj.shape[1], dim=1)
+                    pooled_k = own + summary_gate.to(compute)[None, :, None, None] * (pooled_k - own)
             C, lse_C, Fs, lse_F = _outer_hop(
                 qj, kj, C, lse_C, Fs, lse_F, valid, axes, j, opts, softcap, j == 0, need_lse, pooled_k
             )

@@ -31,11 +31,15 @@ def _query(hq: int, dim: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(hq, dim, generator=torch.Generator().manual_seed(seed), dtype=oc.F64)
 
 
-def run(backend, q, k, v, block_sizes, opts, valid=None, summary_query=None, positions=None):
+def _gate(hq: int, seed: int = 4) -> torch.Tensor:
+    return torch.rand(hq, generator=torch.Generator().manual_seed(seed), dtype=oc.F64) * 1.5 - 0.25
+
+
+def run(backend, q, k, v, block_sizes, opts, valid=None, summary_query=None, positions=None, summary_gate=None):
     o = oc.options(block_sizes, **opts)
     fn = reference_tensorized_attention if backend == "reference" else torch_tensorized_attention
     inv = oc.rope_inv_freq(q.shape[-1])
-    kw = {"summary_query": summary_query} if summary_query is not None else {}
+    kw = {k: t for k, t in (("summary_query", summary_query), ("summary_gate", summary_gate)) if t is not None}
     return fn(q, k, v, o, valid=valid, inv_freq=inv, positions=positions, **kw)
 
 
@@ -44,9 +48,10 @@ def run(backend, q, k, v, block_sizes, opts, valid=None, summary_query=None, pos
 def test_torch_matches_reference(case, opts):
     block_sizes, n, hq, hkv = case
     q, k, v = oc.make_qkv(batch=2, hq=hq, hkv=hkv, n=n, dim=8, seed=n)
-    sq = _query(hq, 8) if opts["summary"] == "learned" else None
-    got = run("torch", q, k, v, block_sizes, opts, summary_query=sq)
-    want = run("reference", q, k, v, block_sizes, opts, summary_query=sq)
+    learned = opts["summary"] == "learned"
+    sq, gate = (_query(hq, 8), _gate(hq)) if learned else (None, None)
+    got = run("torch", q, k, v, block_sizes, opts, summary_query=sq, summary_gate=gate)
+    want = run("reference", q, k, v, block_sizes, opts, summary_query=sq, summary_gate=gate)
     oc.assert_close(got, want, 1e-10, "torch vs reference")
 
 
@@ -58,9 +63,10 @@ def test_torch_matches_reference_with_holes_and_positions(opts):
     valid[0, 12:16] = False
     valid[1, :10] = False
     positions = torch.arange(n, dtype=oc.F64)[None].expand(3, n) + torch.tensor([[0.0], [5.0], [17.0]], dtype=oc.F64)
-    sq = _query(4, 8) if opts["summary"] == "learned" else None
-    got = run("torch", q, k, v, block_sizes, opts, valid=valid, summary_query=sq, positions=positions)
-    want = run("reference", q, k, v, block_sizes, opts, valid=valid, summary_query=sq, positions=positions)
+    sq, gate = (_query(4, 8), _gate(4)) if opts["summary"] == "learned" else (None, None)
+    kw = {"valid": valid, "summary_query": sq, "positions": positions, "summary_gate": gate}
+    got = run("torch", q, k, v, block_sizes, opts, **kw)
+    want = run("reference", q, k, v, block_sizes, opts, **kw)
     oc.assert_close(got, want, 1e-10, "torch vs reference")
     assert (got.transpose(1, 2)[~valid] == 0).all(), "masked slots must output zeros"
 
@@ -79,47 +85,54 @@ def test_causal_convex_and_complete_reach(opts):
     """Changing a token never changes earlier outputs; v = 1 gives 1; every earlier token is reached."""
     n, block_sizes = 37, (3, 4)
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=8, seed=5)
-    sq = _query(4, 8) if opts["summary"] == "learned" else None
-    out = run("torch", q, k, v, block_sizes, opts, summary_query=sq)
+    sq, gate = (_query(4, 8), _gate(4)) if opts["summary"] == "learned" else (None, None)
+    out = run("torch", q, k, v, block_sizes, opts, summary_query=sq, summary_gate=gate)
     for cut in (4, 11, 23):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
         for x in (q2, k2, v2):
             x[:, :, cut + 1 :] = torch.randn_like(x[:, :, cut + 1 :])
-        out2 = run("torch", q2, k2, v2, block_sizes, opts, summary_query=sq)
+        out2 = run("torch", q2, k2, v2, block_sizes, opts, summary_query=sq, summary_gate=gate)
         oc.assert_close(out2[:, :, : cut + 1], out[:, :, : cut + 1], 1e-12, f"causal at cut {cut}")
-    ones = run("torch", q, k, torch.ones_like(v), block_sizes, opts, summary_query=sq)
+    ones = run("torch", q, k, torch.ones_like(v), block_sizes, opts, summary_query=sq, summary_gate=gate)
     oc.assert_close(ones, torch.ones_like(ones), 1e-12, "convex")
-    w = oc.weight_matrix(lambda q, k, v: run("torch", q, k, v, block_sizes, opts, summary_query=sq), q, k, 2)
+    w = oc.weight_matrix(
+        lambda q, k, v: run("torch", q, k, v, block_sizes, opts, summary_query=sq, summary_gate=gate), q, k, 2
+    )
     reach = w.abs().sum(dim=(0, 1)) > 0
     assert torch.equal(reach, torch.tril(torch.ones(n, n, dtype=torch.bool))), "complete must reach every p' <= p"
 
 
-def test_zero_learned_query_equals_pooled_and_pooled_differs_from_token():
+def test_zero_learned_parameters_equal_token_and_gates_interpolate():
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=40, dim=8, seed=8)
     base = {"causal": "complete", "rope": "absolute", "sinks": 2, "local": "window", "merge": "mass"}
-    pooled = run("torch", q, k, v, (4,), {**base, "summary": "pooled"})
-    learned0 = run(
-        "torch", q, k, v, (4,), {**base, "summary": "learned"}, summary_query=torch.zeros(4, 8, dtype=oc.F64)
-    )
-    oc.assert_close(learned0, pooled, 1e-12, "zero learned query")
+    zeros, ones = torch.zeros(4, 8, dtype=oc.F64), torch.ones(4, dtype=oc.F64)
     token = run("torch", q, k, v, (4,), {**base, "summary": "token"})
-    learned = run("torch", q, k, v, (4,), {**base, "summary": "learned"}, summary_query=_query(4, 8))
-    first_block = slice(0, 4)  # one block: exact attention whatever the summary
-    oc.assert_close(pooled[:, :, first_block], token[:, :, first_block], 1e-12, "first block")
+    pooled = run("torch", q, k, v, (4,), {**base, "summary": "pooled"})
+    learned = {**base, "summary": "learned"}
+    start = run("torch", q, k, v, (4,), learned, summary_query=zeros, summary_gate=0 * ones)
+    oc.assert_close(start, token, 1e-12, "zero query and gate: summary='token'")
+    oc.assert_close(
+        run("torch", q, k, v, (4,), learned, summary_query=zeros, summary_gate=ones), pooled, 1e-12, "gate 1"
+    )
+    oc.assert_close(run("torch", q, k, v, (4,), learned, summary_query=zeros), pooled, 1e-12, "no gate: pooled")
+    oc.assert_close(pooled[:, :, :4], token[:, :, :4], 1e-12, "one block is exact whatever the summary")
     assert (pooled[:, :, 8:] - token[:, :, 8:]).abs().max() > 1e-3, "pooled keys must change far scores"
-    assert (learned[:, :, 8:] - pooled[:, :, 8:]).abs().max() > 1e-3, "a learned query must change summaries"
+    moved = run("torch", q, k, v, (4,), learned, summary_query=_query(4, 8), summary_gate=0 * ones)
+    assert (moved[:, :, 8:] - token[:, :, 8:]).abs().max() > 1e-3, "a learned query must change summaries"
+    half = run("torch", q, k, v, (4,), learned, summary_query=zeros, summary_gate=0.5 * ones)
+    assert (half - token).abs().max() > 1e-3 and (half - pooled).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rope", oc.ROPE)
 def test_gradients_match_reference_and_gradcheck(rope):
     opts = {"causal": "complete", "rope": rope, "sinks": 2, "local": "window", "merge": "mass", "summary": "learned"}
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=19, dim=4, seed=4, requires_grad=True)
-    sq = _query(4, 4).requires_grad_()
+    sq, gate = _query(4, 4).requires_grad_(), _gate(4).requires_grad_()
     grads = []
     for backend in ("torch", "reference"):
-        out = run(backend, q, k, v, (3, 4), opts, summary_query=sq)
-        grads.append(torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v, sq)))
-    for name, got, want in zip("qkvs", *grads):
+        out = run(backend, q, k, v, (3, 4), opts, summary_query=sq, summary_gate=gate)
+        grads.append(torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v, sq, gate)))
+    for name, got, want in zip(["q", "k", "v", "query", "gate"], *grads):
         oc.assert_close(got, want, 1e-10, f"grad {name}")
     q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=10, dim=4, seed=1, requires_grad=True)
     sq = _query(2, 4).requires_grad_()
@@ -165,6 +178,17 @@ def test_public_operator_checks_summary_query_and_frequencies():
             summary="pooled",
             rope_inv_freq=inv,
             summary_query=torch.zeros(4, 8, dtype=oc.F64),
+        )
+    with pytest.raises(ValueError, match=r"summary_gate of shape \(4, 8\)"):
+        tensorized_attention(
+            q,
+            k,
+            v,
+            block_sizes=(4,),
+            merge="lse",
+            summary="learned",
+            rope_inv_freq=inv,
+            summary_gate=torch.zeros(4, 8, dtype=oc.F64),
         )
     sq = _query(4, 8)
     for backend in ("torch", "reference"):

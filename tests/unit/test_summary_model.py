@@ -38,14 +38,15 @@ def test_convert_writes_zero_queries_that_a_plain_reload_picks_up(tmp_path):
     assert result.exit_code == 0, result.output
     state = load_file(str(out / summary.SUMMARY_FILE))
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert set(state) == {f"layers.{i}" for i in range(model.config.num_hidden_layers)}
+    layers = range(model.config.num_hidden_layers)
+    assert set(state) == {f"layers.{i}.{part}" for i in layers for part in ("query", "gate")}
     assert all(t.abs().max() == 0 for t in state.values()), "a converted model starts at zero"
     weights = load_file(str(out / "model.safetensors"))
-    assert not [k for k in weights if summary.PARAM in k], "summary queries stay out of the transformers weights"
+    assert not [k for k in weights if "ctxext_summary" in k], "summary parameters stay out of the transformers weights"
     ids = torch.randint(0, 127, (1, 40))
-    pooled = AutoModelForCausalLM.from_pretrained(out).eval()
-    pooled.config.tensorized_attention = {**pooled.config.tensorized_attention, "summary": "pooled"}
-    torch.testing.assert_close(_logits(model, ids), _logits(pooled, ids), atol=1e-6, rtol=0)
+    token = AutoModelForCausalLM.from_pretrained(out).eval()
+    token.config.tensorized_attention = {**token.config.tensorized_attention, "summary": "token"}
+    torch.testing.assert_close(_logits(model, ids), _logits(token, ids), atol=1e-6, rtol=0)
 
     (out / summary.SUMMARY_FILE).unlink()
     broken = AutoModelForCausalLM.from_pretrained(out).eval()
