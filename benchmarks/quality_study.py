@@ -371,7 +371,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--report-dir", type=Path, default=ROOT / "docs" / "study")
     ap.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
-    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated recipe names, 'base' for the baselines (default: all)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the base model and base+yarn4")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each gets --threads threads)")
     ap.add_argument("--threads", type=int, default=1)
@@ -401,9 +401,9 @@ def main() -> None:
         return
     only = {s for s in args.only.split(",") if s} or None
     recipes = load_recipes(args.recipes, only)
-    if not recipes:
+    if not recipes and not (only and "base" in only):
         raise SystemExit(f"no recipes in {args.recipes}" + (f" named {sorted(only)}" if only else ""))
-    models_ = models(recipes, with_baselines=not args.no_baselines and only is None)
+    models_ = models(recipes, with_baselines=not args.no_baselines and (only is None or "base" in only))
     if args.stage in ("all", "train"):
         run_jobs(train_jobs(recipes, args.out), args.jobs, args.threads)
     if args.stage in ("all", "eval"):

@@ -127,7 +127,11 @@ def tensorized_attention_forward(
             where = "context parallelism" if cp_group is not None else "the decode cache"
             raise NotImplementedError(
                 f"tensorized_attention.summary={opts.summary!r} is not supported by {where} yet; "
-                + ("run on one process" if cp_group is not None else "generate with use_cache=False")
+                + (
+                    "run on one process"
+                    if cp_group is not None
+                    else "generate with use_cache=False (ctxext generate --no-cache)"
+                )
             )
         cache_layer = None  # a first forward pass: the plain operator (the cache keeps k/v only)
     if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)

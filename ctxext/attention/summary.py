@@ -131,19 +131,35 @@ def without_summary(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in state_dict.items() if not k.endswith(tuple(PARAMS.values()))}
 
 
+def _summary_file(name: str) -> Path | None:
+    """``ctxext_summary.safetensors`` of a model directory, or of a Hub repository ``name``
+    (fetched through huggingface_hub, which honours ``HF_HUB_OFFLINE``), or None."""
+    local = Path(name) / SUMMARY_FILE
+    if local.is_file():
+        return local
+    if Path(name).exists() or name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name, SUMMARY_FILE))
+    except Exception:  # offline, no such file, no such repository: the caller explains
+        return None
+
+
 def arguments_for(module) -> dict[str, torch.Tensor]:
     """The operator's ``summary_query`` ``(Hq, D)`` and ``summary_gate`` ``(Hq,)`` for a module.
 
     ``GAIN`` times the parameters. A module without them (a model reloaded with plain
     ``from_pretrained``) gets them from ``ctxext_summary.safetensors`` in its config's
-    ``_name_or_path`` directory.
+    ``_name_or_path``: a directory, or a Hub repository (downloaded beside its weights).
     """
     if getattr(module, PARAMS["query"], None) is None:
         from safetensors import safe_open
 
-        source = Path(str(getattr(module.config, "_name_or_path", "") or "."))
-        path = source / SUMMARY_FILE
-        if not path.is_file():
+        source = str(getattr(module.config, "_name_or_path", "") or ".")
+        path = _summary_file(source)
+        if path is None:
             raise SummaryQueryError(
                 f"this model's config sets tensorized_attention.summary='learned', but its learned summary "
                 f"parameters are missing: no {SUMMARY_FILE} in {source}. Load the model directory ctxext wrote "
@@ -151,9 +167,9 @@ def arguments_for(module) -> dict[str, torch.Tensor]:
             )
         weight = next(module.parameters())
         with safe_open(str(path), framework="pt") as f:
-            for part, name in PARAMS.items():
+            for part, attr in PARAMS.items():
                 tensor = f.get_tensor(f"layers.{module.layer_idx}.{part}").to(device=weight.device, dtype=weight.dtype)
-                module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+                module.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=False))
     return {
         "summary_query": getattr(module, PARAMS["query"]) * GAIN,
         "summary_gate": getattr(module, PARAMS["gate"]) * GAIN,

@@ -97,3 +97,32 @@ def test_decode_cache_refuses_learned_summaries_clearly(tmp_path):
     with pytest.raises(NotImplementedError, match="summary='pooled' is not supported by the decode cache"):
         model.generate(ids, max_new_tokens=2, do_sample=False)
     assert model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False).shape == (1, 22)
+
+
+def test_a_hub_model_fetches_its_summary_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = _save_source(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ["convert", str(src), str(out), "--block-sizes", "8", "--merge", "mass", "--summary", "learned"]
+    assert runner.invoke(app, args).exit_code == 0
+    ids = torch.randint(0, 127, (1, 40))
+    want = _logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids)
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        if repo_id != "alice/ta-model":
+            raise huggingface_hub.errors.RepositoryNotFoundError("no such repository")
+        return str(out / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for repo, ok in (("alice/ta-model", True), ("bob/missing", False)):
+        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        model.config._name_or_path = repo  # as if it came from the Hub
+        if ok:
+            torch.testing.assert_close(_logits(model, ids), want, atol=1e-6, rtol=0)
+        else:
+            with pytest.raises(summary.SummaryQueryError, match="no ctxext_summary.safetensors in bob/missing"):
+                _logits(model, ids)
+    assert ("alice/ta-model", summary.SUMMARY_FILE) in asked
