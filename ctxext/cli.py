@@ -283,6 +283,19 @@ def _print_plan(spec) -> None:
     console.print(table)
 
 
+def _parse_settings(items: list[str]) -> dict:
+    """``["rope=axis", "block_sizes=[64,64]"]`` -> ``{"rope": "axis", "block_sizes": [64, 64]}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rope=axis")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model dir, adapter dir (from finetune), .gguf, Hub id or 'smollm2'.")],
@@ -306,6 +319,10 @@ def evaluate(
     context_parallel: Annotated[
         int, typer.Option(help="Processes sharing each document (tensorized models, --tasks ppl).")
     ] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a tensorized setting of the model under test: KEY=VALUE, e.g. rope=axis."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned work and memory; run nothing.")] = False,
 ) -> None:
@@ -328,6 +345,7 @@ def evaluate(
             force=force,
             scoring=scoring,
             context_parallel=context_parallel,
+            settings=_parse_settings(set_ or []),
         )
     except ValueError as err:
         _fail(f"{err}")
@@ -349,6 +367,7 @@ def evaluate(
         args = ["eval", model, "--out", str(out), "--lengths", lengths, "--tasks", tasks, "--depths", depths]
         args += ["--trials", str(trials), "--data", data, "--docs", str(docs), "--seed", str(seed)]
         args += ["--scoring", scoring, "--context-parallel", str(context_parallel)] + (["--force"] if force else [])
+        args += [x for item in set_ or [] for x in ("--set", item)]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc-per-node={context_parallel}", "-m", "ctxext.cli", *args]
         console.print("Launching: " + " ".join(command), highlight=False, soft_wrap=True)

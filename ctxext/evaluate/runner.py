@@ -46,6 +46,7 @@ class EvalSpec:
     force: bool = False
     scoring: str = "teacher"  # retrieval: teacher-forced argmax, or greedy generation (decode cache)
     context_parallel: int = 1  # ranks sharing each document (perplexity only; launched by the CLI)
+    settings: dict = field(default_factory=dict)  # tensorized-attention overrides for the model under test
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ModelEntry:
     attention: str | None = None  # force an attention implementation (baselines: "sdpa")
     rope: tuple[str, float] | None = None
     description: str = ""
+    settings: dict | None = None  # tensorized-attention settings to override after loading
 
 
 def parse_length(text: str) -> int:
@@ -72,7 +74,13 @@ def parse_length(text: str) -> int:
 
 def resolve_entries(spec: EvalSpec) -> list[ModelEntry]:
     """The model under test and its baselines, with readable labels."""
-    entries = [ModelEntry(_label(spec.model), spec.model, description="model under test")]
+    entries = [
+        ModelEntry(_label(spec.model), spec.model, description="model under test", settings=spec.settings or None)
+    ]
+    if spec.settings:
+        changed = ", ".join(f"{k}={v}" for k, v in spec.settings.items())
+        entries[0].label += f" ({changed})"
+        entries[0].description += f", settings overridden: {changed}"
     for item in spec.compare:
         rope = None
         base = item
@@ -113,10 +121,29 @@ def load_entry(entry: ModelEntry, device: torch.device):
         raise EvalError(f"{entry.source} has no tokenizer; evaluation needs one")
     if entry.attention and model.config._attn_implementation != entry.attention:
         model.set_attn_implementation(entry.attention)
+    if entry.settings:
+        override_settings(model, entry.settings)
     if entry.rope:
         apply_rope_scaling(model, *entry.rope)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def override_settings(model, settings: dict) -> None:
+    """Change the tensorized-attention settings of a loaded tensorized model (``--set``), validated."""
+    from ..attention.hf import CONFIG_KEY, options_from_config
+    from ..attention.options import TensorizedOptions
+
+    if model.config._attn_implementation != "tensorized":
+        raise EvalError("--set changes tensorized-attention settings, but the model under test is not tensorized")
+    current = options_from_config(model.config).to_dict()
+    if "summary" in settings and settings["summary"] != current["summary"]:
+        raise EvalError("--set summary: the summary mode decides which parameters a model has; convert instead")
+    try:
+        options = TensorizedOptions.from_dict({**current, **settings}, where="--set")
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+    setattr(model.config, CONFIG_KEY, options.to_dict())
 
 
 def _load_adapter(path: Path):

@@ -238,3 +238,29 @@ def test_context_parallel_eval_refuses_what_it_cannot_shard(tmp_path, extra, mat
     args = ["eval", str(_tiny_dir(tmp_path)), "--lengths", "300", "--out", str(tmp_path / "cp")]
     result = runner.invoke(app, [*args, "--tasks", "ppl", "--context-parallel", "2", *extra])
     assert result.exit_code == 2 and match in result.output + result.stderr
+
+
+def test_set_overrides_settings_of_the_model_under_test_only(tmp_path):
+    model_dir = _tiny_dir(tmp_path)
+    args = ["eval", str(model_dir), "--out", str(tmp_path / "e"), "--lengths", "300", "--tasks", "ppl", "--docs", "1"]
+    result = runner.invoke(
+        app, [*args, "--set", "rope=axis", "--set", "block_sizes=[8, 8]", "--compare", str(model_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    tested, baseline = report["models"]
+    assert tested["tensorized_attention"]["rope"] == "axis" and tested["tensorized_attention"]["block_sizes"] == [8, 8]
+    assert "settings overridden: rope=axis, block_sizes=[8, 8]" in tested["description"]
+    assert baseline["tensorized_attention"]["rope"] == "absolute", "baselines keep their own settings"
+    ppl = report["perplexity"]
+    assert ppl[tested["label"]]["300"]["ppl"] != ppl[baseline["label"]]["300"]["ppl"], "the override must take effect"
+
+    for extra, match in (
+        (["--set", "rop=axis"], "--set.rop: unknown setting (did you mean 'rope'?)"),
+        (["--set", "rope"], "--set 'rope': expected KEY=VALUE"),
+        (["--set", "summary=learned"], "--set summary"),
+    ):
+        result = runner.invoke(app, [*args, "--force", *extra])
+        assert result.exit_code != 0 and match in " ".join(result.output.split()), (extra, result.output)
+    result = runner.invoke(app, ["eval", "smollm2", "--out", str(tmp_path / "x"), "--set", "rope=axis", "--dry-run"])
+    assert result.exit_code == 0, result.output
