@@ -41,7 +41,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_PACKAGES = ("pydoc_data", "tkinter", "email", "unittest", "idlelib", "urllib", "logging", "http", "xml")
-BASELINES = {"base": "smollm2", "base+yarn4": "smollm2"}  # SmolLM2 with its own full attention
+# Trained models evaluated with other settings (``ctxext eval --set``), perplexity only:
+# label -> (recipe, overrides). rope=axis at evaluation moves sinks (and far entries) to bounded
+# RoPE offsets; with absolute RoPE a query at 16k sees the sinks 16k positions away.
+EVAL_VARIANTS = {"window, rope=axis at eval": ("window", ["--set", "rope=axis"])}
 
 
 def held_out_data() -> str:
@@ -93,6 +96,9 @@ def train_jobs(recipes: dict[str, dict], out: Path) -> list[tuple[list[str], Pat
 def models(recipes: dict[str, dict], with_baselines: bool) -> dict[str, tuple[str, list[str]]]:
     """label -> (source, extra eval arguments)."""
     out = {name: (str(r["output_dir"] / "adapter"), []) for name, r in recipes.items()}
+    for label, (recipe, extra) in EVAL_VARIANTS.items():
+        if recipe in recipes:
+            out[label] = (out[recipe][0], extra)
     if with_baselines:
         out["base"] = ("smollm2", [])
     return out
@@ -102,6 +108,7 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     jobs = []
     data = held_out_data()
     for label, (source, extra) in models_.items():
+        variant = label in EVAL_VARIANTS
         full = label.startswith(("base", "full"))  # full attention: quadratic, keep lengths it can afford here
         ppl_lengths = args.ppl_lengths_full if full else args.ppl_lengths
         passkey_lengths = args.passkey_lengths_full if full else args.passkey_lengths
@@ -109,13 +116,13 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
             ("ppl", ppl_lengths, ["--data", data, "--docs", str(args.docs)]),
             ("passkey", passkey_lengths, ["--depths", args.depths, "--trials", str(args.trials)]),
         ):
-            report = out / "eval" / f"{label}-{task}"
-            if (report / "report.json").is_file():
+            report = out / "eval" / f"{_slug(label)}-{task}"
+            if (report / "report.json").is_file() or (variant and task != "ppl"):
                 continue
             compare = ["--compare", "base+yarn4"] if label == "base" else []
             cmd = [sys.executable, "-m", "ctxext", "eval", source, "--out", str(report), "--tasks", task]
             cmd += ["--lengths", lengths, "--force", *more, *compare, *extra]
-            jobs.append((cmd, out / "logs" / f"eval-{label}-{task}.log"))
+            jobs.append((cmd, out / "logs" / f"eval-{_slug(label)}-{task}.log"))
     return jobs
 
 
@@ -123,13 +130,17 @@ def recall_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     jobs = []
     for label, (source, _) in models_.items():
         path = out / "recall" / f"{label}.json"
-        if path.is_file():
+        if path.is_file() or label in EVAL_VARIANTS:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--recall-one", source, "--recall-out", str(path)]
         cmd += ["--recall-blocks", str(args.recall_blocks), "--recall-length", str(args.recall_length)]
         cmd += ["--recall-records", str(args.recall_records), "--recall-window", str(args.recall_window)]
         jobs.append((cmd, out / "logs" / f"recall-{label}.log"))
     return jobs
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
 def recall_one(source: str, out: Path, blocks: int, length: int, records: int = 16, window: int = 256) -> None:
@@ -211,7 +222,7 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
     protocol = {}
     for label in models_:
         for task in ("ppl", "passkey"):
-            path = out / "eval" / f"{label}-{task}" / "report.json"
+            path = out / "eval" / f"{_slug(label)}-{task}" / "report.json"
             if not path.is_file():
                 continue
             rep = json.loads(path.read_text())
@@ -234,6 +245,10 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
     lines += ["| model | settings | steps | train tokens | final loss (mean of last 10) |", "|---|---|---|---|---|"]
     for name in models_:
         r = recipes.get(name)
+        note = ""
+        if name in EVAL_VARIANTS:
+            recipe_name, extra = EVAL_VARIANTS[name]
+            r, note = recipes[recipe_name], f"; evaluated with {' '.join(extra)}"
         if r is None:
             lines.append(f"| {name} | {_settings(None)} | 0 | 0 | - |")
             continue
@@ -247,7 +262,7 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
         t = r["raw"]["train"]
         tokens = steps * r["raw"]["data"]["seq_len"] * t.get("batch_size", 1) * t.get("grad_accum", 1)
         final = f"{np.mean(losses[-10:]):.3f}" if losses else "-"
-        lines.append(f"| {name} | {_settings(r)} | {steps} | {tokens:,} | {final} |")
+        lines.append(f"| {name} | {_settings(r)}{note} | {steps} | {tokens:,} | {final} |")
 
     if ppl:
         lengths = sorted({n for row in ppl.values() for n in row})
@@ -407,7 +422,9 @@ def main() -> None:
     if args.stage in ("all", "train"):
         run_jobs(train_jobs(recipes, args.out), args.jobs, args.threads)
     if args.stage in ("all", "eval"):
-        ready = {k: v for k, v in models_.items() if k not in recipes or (Path(v[0]) / "adapter_config.json").is_file()}
+        ready = {
+            k: v for k, v in models_.items() if v[0] == "smollm2" or (Path(v[0]) / "adapter_config.json").is_file()
+        }
         run_jobs(eval_jobs(ready, args.out, args) + recall_jobs(ready, args.out, args), args.jobs, args.threads)
     if args.stage in ("all", "report"):
         print(f"[study] report: {report(recipes, models_, args.out, args.report_dir)}")
