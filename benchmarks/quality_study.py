@@ -41,10 +41,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_PACKAGES = ("pydoc_data", "tkinter", "email", "unittest", "idlelib", "urllib", "logging", "http", "xml")
-# Trained models evaluated with other settings (``ctxext eval --set``), perplexity only:
-# label -> (recipe, overrides). rope=axis at evaluation moves sinks (and far entries) to bounded
-# RoPE offsets; with absolute RoPE a query at 16k sees the sinks 16k positions away.
-EVAL_VARIANTS = {"window, rope=axis at eval": ("window", ["--set", "rope=axis"])}
+# Trained models evaluated with other settings (``ctxext eval --set``): label -> (recipe,
+# overrides, tasks). rope=axis at evaluation moves sinks (and far entries) to bounded RoPE
+# offsets; with absolute RoPE a query at 16k sees the sinks 16k positions away.
+EVAL_VARIANTS = {
+    "window, rope=axis at eval": ("window", ["--set", "rope=axis"], ("ppl",)),
+    "learned, rope=axis at eval": ("learned", ["--set", "rope=axis"], ("ppl", "passkey")),
+}
 
 
 def held_out_data() -> str:
@@ -96,7 +99,7 @@ def train_jobs(recipes: dict[str, dict], out: Path) -> list[tuple[list[str], Pat
 def models(recipes: dict[str, dict], with_baselines: bool) -> dict[str, tuple[str, list[str]]]:
     """label -> (source, extra eval arguments)."""
     out = {name: (str(r["output_dir"] / "adapter"), []) for name, r in recipes.items()}
-    for label, (recipe, extra) in EVAL_VARIANTS.items():
+    for label, (recipe, extra, _) in EVAL_VARIANTS.items():
         if recipe in recipes:
             out[label] = (out[recipe][0], extra)
     if with_baselines:
@@ -117,7 +120,7 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
             ("passkey", passkey_lengths, ["--depths", args.depths, "--trials", str(args.trials)]),
         ):
             report = out / "eval" / f"{_slug(label)}-{task}"
-            if (report / "report.json").is_file() or (variant and task != "ppl"):
+            if (report / "report.json").is_file() or (variant and task not in EVAL_VARIANTS[label][2]):
                 continue
             compare = ["--compare", "base+yarn4"] if label == "base" else []
             cmd = [sys.executable, "-m", "ctxext", "eval", source, "--out", str(report), "--tasks", task]
@@ -247,7 +250,7 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
         r = recipes.get(name)
         note = ""
         if name in EVAL_VARIANTS:
-            recipe_name, extra = EVAL_VARIANTS[name]
+            recipe_name, extra, _ = EVAL_VARIANTS[name]
             r, note = recipes[recipe_name], f"; evaluated with {' '.join(extra)}"
         if r is None:
             lines.append(f"| {name} | {_settings(None)} | 0 | 0 | - |")
