@@ -428,7 +428,7 @@ def main() -> None:
         ready = {
             k: v for k, v in models_.items() if v[0] == "smollm2" or (Path(v[0]) / "adapter_config.json").is_file()
         }
-        run_jobs(eval_jobs(ready, args.out, args) + recall_jobs(ready, args.out, args), args.jobs, args.threads)
+        run_jobs(recall_jobs(ready, args.out, args) + eval_jobs(ready, args.out, args), args.jobs, args.threads)
     if args.stage in ("all", "report"):
         print(f"[study] report: {report(recipes, models_, args.out, args.report_dir)}")
 
