@@ -58,9 +58,9 @@ def convert(
     block_sizes: Annotated[str, typer.Option(help="Inner axis sizes, e.g. 128 or 64,64.")] = "128",
     causal: Annotated[str, typer.Option(help="complete | dominance")] = "complete",
     rope: Annotated[str, typer.Option(help="absolute | axis")] = "absolute",
-    sinks: Annotated[int, typer.Option(help="Leading tokens every query sees exactly.")] = 0,
-    local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "block",
-    merge: Annotated[str, typer.Option(help="score | lse | mass")] = "score",
+    sinks: Annotated[int, typer.Option(help="Leading tokens every query sees exactly.")] = 4,
+    local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "window",
+    merge: Annotated[str, typer.Option(help="score | lse | mass")] = "lse",
     long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
     summary: Annotated[str, typer.Option(help="token | pooled | learned (far-entry summaries)")] = "token",
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
@@ -73,7 +73,11 @@ def convert(
         bool, typer.Option("--allow-pickle", help="Allow pickled .bin weights (trusted sources only).")
     ] = False,
 ) -> None:
-    """Convert MODEL to tensorized attention and write a complete model directory to OUT."""
+    """Convert MODEL to tensorized attention and write a complete model directory to OUT.
+
+    The defaults (4 sinks, exact window, lse merge) are the quality study's: on SmolLM2 they cut
+    perplexity before fine-tuning from 96 (the paper's plain operator) to 16 at 1k tokens.
+    """
     from .atomic import OutputExistsError
     from .attention.options import TensorizedConfigError, TensorizedOptions
     from .models import ModelSourceError, UnsupportedModelError
