@@ -76,7 +76,7 @@ def convert(
     """Convert MODEL to tensorized attention and write a complete model directory to OUT.
 
     The defaults (4 sinks, exact window, lse merge) are the quality study's: on SmolLM2 they cut
-    perplexity before fine-tuning from 96 (the paper's plain operator) to 16 at 1k tokens.
+    perplexity before fine-tuning from 37.3 (the plain operator) to 13.6 at 1,024 tokens.
     """
     from .atomic import OutputExistsError
     from .attention.options import TensorizedConfigError, TensorizedOptions
