@@ -157,39 +157,15 @@ def test_public_operator_checks_summary_query_and_frequencies():
     with pytest.raises(ValueError, match="rope_inv_freq"):
         tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary="pooled")
     inv = oc.rope_inv_freq(8)
-    with pytest.raises(ValueError, match=r"summary_query of shape \(3, 8\)"):
-        tensorized_attention(
-            q,
-            k,
-            v,
-            block_sizes=(4,),
-            merge="lse",
-            summary="learned",
-            rope_inv_freq=inv,
-            summary_query=torch.zeros(3, 8, dtype=oc.F64),
-        )
-    with pytest.raises(ValueError, match="needs summary='learned'"):
-        tensorized_attention(
-            q,
-            k,
-            v,
-            block_sizes=(4,),
-            merge="lse",
-            summary="pooled",
-            rope_inv_freq=inv,
-            summary_query=torch.zeros(4, 8, dtype=oc.F64),
-        )
-    with pytest.raises(ValueError, match=r"summary_gate of shape \(4, 8\)"):
-        tensorized_attention(
-            q,
-            k,
-            v,
-            block_sizes=(4,),
-            merge="lse",
-            summary="learned",
-            rope_inv_freq=inv,
-            summary_gate=torch.zeros(4, 8, dtype=oc.F64),
-        )
+    zeros = {"shape": torch.zeros(3, 8, dtype=oc.F64), "ok": torch.zeros(4, 8, dtype=oc.F64)}
+    bad_calls = [
+        ("learned", {"summary_query": zeros["shape"]}, r"summary_query of shape \(3, 8\)"),
+        ("pooled", {"summary_query": zeros["ok"]}, "needs summary='learned'"),
+        ("learned", {"summary_gate": zeros["ok"]}, r"summary_gate of shape \(4, 8\)"),
+    ]
+    for mode, extra, match in bad_calls:
+        with pytest.raises(ValueError, match=match):
+            tensorized_attention(q, k, v, block_sizes=(4,), merge="lse", summary=mode, rope_inv_freq=inv, **extra)
     sq = _query(4, 8)
     for backend in ("torch", "reference"):
         out = tensorized_attention(
