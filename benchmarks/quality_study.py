@@ -96,23 +96,26 @@ def train_jobs(recipes: dict[str, dict], out: Path) -> list[tuple[list[str], Pat
     return jobs
 
 
-def models(recipes: dict[str, dict], with_baselines: bool) -> dict[str, tuple[str, list[str]]]:
-    """label -> (source, extra eval arguments)."""
-    out = {name: (str(r["output_dir"] / "adapter"), []) for name, r in recipes.items()}
+def models(recipes: dict[str, dict], with_baselines: bool) -> dict[str, tuple[str, list[str], bool]]:
+    """label -> (source, extra eval arguments, full attention?)."""
+    out = {
+        name: (str(r["output_dir"] / "adapter"), [], r["raw"]["model"].get("attention", "tensorized") != "tensorized")
+        for name, r in recipes.items()
+    }
     for label, (recipe, extra, _) in EVAL_VARIANTS.items():
         if recipe in recipes:
-            out[label] = (out[recipe][0], extra)
+            out[label] = (out[recipe][0], extra, out[recipe][2])
     if with_baselines:
-        out["base"] = ("smollm2", [])
+        out["base"] = ("smollm2", [], True)
     return out
 
 
 def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     jobs = []
     data = held_out_data()
-    for label, (source, extra) in models_.items():
+    for label, (source, extra, full) in models_.items():
         variant = label in EVAL_VARIANTS
-        full = label.startswith(("base", "full"))  # full attention: quadratic, keep lengths it can afford here
+        # full attention is quadratic: keep to the lengths it can afford here
         ppl_lengths = args.ppl_lengths_full if full else args.ppl_lengths
         passkey_lengths = args.passkey_lengths_full if full else args.passkey_lengths
         for task, lengths, more in (
@@ -131,7 +134,7 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
 
 def recall_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     jobs = []
-    for label, (source, _) in models_.items():
+    for label, (source, _, _) in models_.items():
         path = out / "recall" / f"{label}.json"
         if path.is_file() or label in EVAL_VARIANTS:
             continue
@@ -203,6 +206,15 @@ def run_jobs(jobs, jobs_at_once: int, threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _loss_curve(recipe: dict) -> list[tuple[int, float]]:
+    """(step, loss) of a recipe's training run, empty before it ran."""
+    metrics = recipe["output_dir"] / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+    return [(x["step"], x["loss"]) for x in rows]
+
+
 def _settings(recipe: dict | None) -> str:
     if recipe is None:
         return "SmolLM2-135M as shipped (full attention, SDPA), not fine-tuned"
@@ -255,12 +267,7 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
         if r is None:
             lines.append(f"| {name} | {_settings(None)} | 0 | 0 | - |")
             continue
-        metrics = r["output_dir"] / "metrics.jsonl"
-        losses = (
-            [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
-            if metrics.is_file()
-            else []
-        )
+        losses = [loss for _, loss in _loss_curve(r)]
         steps = r["raw"]["train"]["steps"]
         t = r["raw"]["train"]
         tokens = steps * r["raw"]["data"]["seq_len"] * t.get("batch_size", 1) * t.get("grad_accum", 1)
@@ -345,12 +352,7 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
         fig.savefig(report_dir / "recall.png", dpi=120)
         plt.close(fig)
 
-    curves = {}
-    for name, r in recipes.items():
-        metrics = r["output_dir"] / "metrics.jsonl"
-        if metrics.is_file():
-            rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
-            curves[name] = [(x["step"], x["loss"]) for x in rows]
+    curves = {name: curve for name, r in recipes.items() if (curve := _loss_curve(r))}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, pts in curves.items():

@@ -217,7 +217,7 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
             "off; turn data.packing on, lower data.seq_len, or filter the documents"
         )
     stacked = np.stack(blocks)
-    if getattr(data, "retrieval", 0.0):
+    if data.retrieval:
         from .retrieval_data import mix_retrieval
 
         try:

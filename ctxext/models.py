@@ -315,7 +315,9 @@ def save_model_dir(model, tokenizer, out: Path, force: bool = False) -> Path:
     from .attention import summary
 
     with atomic_directory(Path(out), force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=summary.without_summary(model.state_dict()))
+        # Learned summary parameters go to their own file, not into the transformers weights.
+        own_file = {"state_dict": summary.without_summary(model.state_dict())} if summary.parameters(model) else {}
+        model.save_pretrained(tmp, safe_serialization=True, **own_file)
         summary.save(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

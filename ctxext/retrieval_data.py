@@ -92,11 +92,6 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
     return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers)
 
 
-def retrieval_block(text: np.ndarray, tokenizer, records: int, rng: np.random.Generator) -> np.ndarray:
-    """The ``(L,)`` token ids of :func:`retrieval_layout`."""
-    return retrieval_layout(text, tokenizer, records, rng).ids
-
-
 def mix_retrieval(blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int) -> np.ndarray:
     """Turn ``round(fraction * n)`` of the ``(n, L)`` blocks (chosen by ``seed``) into retrieval blocks."""
     if fraction <= 0:
@@ -106,5 +101,5 @@ def mix_retrieval(blocks: np.ndarray, tokenizer, fraction: float, records: int, 
     chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
     out = blocks.copy()
     for i in chosen:
-        out[i] = retrieval_block(blocks[i], tokenizer, records, rng)
+        out[i] = retrieval_layout(blocks[i], tokenizer, records, rng).ids
     return out

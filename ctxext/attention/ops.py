@@ -210,16 +210,16 @@ def tensorized_attention_with_options(
             f"{needs} needs the model's RoPE inverse frequencies: pass rope_inv_freq (shape (rotary_dim/2,)); "
             "the transformers integration computes them from the model config."
         )
-    if summary_query is not None and (opts.summary != "learned" or summary_query.shape != (q.shape[1], q.shape[-1])):
-        raise ValueError(
-            f"summary_query of shape {tuple(summary_query.shape)} needs summary='learned' (got {opts.summary!r}) "
-            f"and shape (Hq, D) = {(q.shape[1], q.shape[-1])}"
-        )
-    if summary_gate is not None and (opts.summary != "learned" or summary_gate.shape != (q.shape[1],)):
-        raise ValueError(
-            f"summary_gate of shape {tuple(summary_gate.shape)} needs summary='learned' (got {opts.summary!r}) "
-            f"and shape (Hq,) = {(q.shape[1],)}"
-        )
+    learned = {
+        "summary_query": (summary_query, (q.shape[1], q.shape[-1])),
+        "summary_gate": (summary_gate, (q.shape[1],)),
+    }
+    for name, (tensor, shape) in learned.items():
+        if tensor is not None and (opts.summary != "learned" or tuple(tensor.shape) != shape):
+            raise ValueError(
+                f"{name} of shape {tuple(tensor.shape)} needs summary='learned' (got {opts.summary!r}) "
+                f"and shape {'(Hq, D)' if len(shape) == 2 else '(Hq,)'} = {shape}"
+            )
     plan = plan_fold(q.shape[0], q.shape[-2], position_ids, padding_mask, q.device)
     qs, ks, vs = fold(q, plan), fold(k, plan), fold(v, plan)
     backend = resolve_backend(opts.backend, q.device, opts, q.dtype, q.shape[-1])
@@ -239,6 +239,6 @@ def tensorized_attention_with_options(
         softcap=softcap,
         inv_freq=rope_inv_freq,
         positions=plan.positions,
-        **{k: t for k, t in (("summary_query", summary_query), ("summary_gate", summary_gate)) if t is not None},
+        **{name: tensor for name, (tensor, _) in learned.items() if tensor is not None},
     )
     return unfold(out.to(q.dtype), plan)

@@ -29,6 +29,7 @@ could not move them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -139,10 +140,17 @@ def _summary_file(name: str) -> Path | None:
         return local
     if Path(name).exists() or name.count("/") != 1:
         return None
+    path = _hub_summary_file(name)
+    return path if path is not None and path.is_file() else None
+
+
+@functools.cache
+def _hub_summary_file(repo: str) -> Path | None:
+    """One Hub lookup per repository and process (every layer asks; the answer does not change)."""
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(name, SUMMARY_FILE))
+        return Path(hf_hub_download(repo, SUMMARY_FILE))
     except Exception:  # offline, no such file, no such repository: the caller explains
         return None
 

@@ -27,6 +27,13 @@ def _tiny_dir(tmp_path):
     return save_model_dir(model, byte_tokenizer(), tmp_path / "tiny-ta")
 
 
+def _ppl_spec(tmp_path, length: int, compare: list[str]) -> EvalSpec:
+    """Perplexity of the tiny tensorized model at one length, one document, against ``compare``."""
+    return EvalSpec(
+        model=str(_tiny_dir(tmp_path)), out=tmp_path / "eval", lengths=[length], tasks=["ppl"], docs=1, compare=compare
+    )
+
+
 def test_report_covers_every_model_task_and_length(tmp_path):
     model_dir = _tiny_dir(tmp_path)
     spec = EvalSpec(
@@ -144,15 +151,7 @@ def test_baseline_with_another_tokenizer_scores_documents_in_its_own_tokens(tmp_
     from tests.unit.test_convert import _save_source
 
     other = _save_source(tmp_path / "wordlevel", "llama")  # vocab 128, word-level tokenizer
-    spec = EvalSpec(
-        model=str(_tiny_dir(tmp_path)),
-        out=tmp_path / "eval",
-        lengths=[512],
-        tasks=["ppl"],
-        docs=1,
-        compare=[str(other)],
-    )
-    report = run(spec, progress=False)
+    report = run(_ppl_spec(tmp_path, 512, [str(other)]), progress=False)
     cell = report["perplexity"]["wordlevel"]["512"]
     assert cell["docs"] == 1 and cell["tokens"] == 511 and cell["ppl"] > 1
 
@@ -199,15 +198,7 @@ def test_another_tensorized_model_as_baseline_keeps_its_attention(tmp_path):
     window = tiny_model("llama")
     apply_tensorized(window, TensorizedOptions(block_sizes=(64,), long_range=False))
     control = save_model_dir(window, byte_tokenizer(), tmp_path / "window-only")
-    spec = EvalSpec(
-        model=str(_tiny_dir(tmp_path)),
-        out=tmp_path / "eval",
-        lengths=[300],
-        tasks=["ppl"],
-        docs=1,
-        compare=[str(control), "base"],
-    )
-    report = run(spec, progress=False)
+    report = run(_ppl_spec(tmp_path, 300, [str(control), "base"]), progress=False)
     assert [m["attn_implementation"] for m in report["models"]] == ["tensorized", "tensorized", "sdpa"]
     assert report["models"][1]["tensorized_attention"]["long_range"] is False
 
