@@ -78,6 +78,14 @@ class TrainSection:
 
 
 @dataclass
+class DistillSection:
+    weight: float = 0.0  # share of the loss that is KL to the teacher: 0 off, 1 KL only (dense signal for far hops)
+    teacher: str = "base"  # 'base' (model.source with its own full attention, frozen) or a model dir / Hub id
+    temperature: float = 1.0  # softens both distributions; the KL is scaled by temperature**2
+    attention_transfer: bool = False  # fit summary=learned parts to exact attention layer by layer (replaces the loss)
+
+
+@dataclass
 class AccelerateSection:
     config: str | None = None  # accelerate config file (FSDP, DeepSpeed); launch with `accelerate launch`
 
@@ -93,6 +101,7 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     accelerate: AccelerateSection = field(default_factory=AccelerateSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
@@ -167,7 +176,7 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
             raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise RecipeError(
-                f"recipe {path} must be a mapping of sections (model, lora, data, train, accelerate, parallel)"
+                f"recipe {path} must be a mapping of sections (model, lora, data, train, distill, accelerate, parallel)"
             )
     for item in overrides:
         try:
@@ -278,7 +287,41 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"train.precision: unknown precision {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if recipe.accelerate.config is not None and not Path(recipe.accelerate.config).is_file():
         errors.append(f"accelerate.config: {recipe.accelerate.config} does not exist")
+    errors += _distill_problems(recipe)
     errors += _parallel_problems(recipe)
+    return errors
+
+
+def _distill_problems(recipe: Recipe) -> list[str]:
+    dist = recipe.distill
+    errors = []
+    if not 0 <= dist.weight <= 1:
+        errors.append(f"distill.weight: a share of the loss in [0, 1], got {dist.weight}")
+    if dist.temperature <= 0:
+        errors.append(f"distill.temperature: must be > 0, got {dist.temperature}")
+    if not dist.teacher:
+        errors.append("distill.teacher: 'base' (the recipe's model with full attention) or a model directory / Hub id")
+    if dist.attention_transfer:
+        opts = recipe.model.tensorized if recipe.model.attention == "tensorized" else {}
+        if opts.get("summary") != "learned":
+            errors.append(
+                "distill.attention_transfer: trains the learned far-block summaries; set model.attention=tensorized "
+                "and model.tensorized.summary=learned"
+            )
+        if dist.weight > 0:
+            errors.append("distill.attention_transfer replaces the loss; set distill.weight=0 (a later run distils)")
+        if recipe.train.gradient_checkpointing:
+            errors.append(
+                "distill.attention_transfer: set train.gradient_checkpointing=false (the transfer stage keeps no "
+                "model activations for backward, only each layer's tensorized attention)"
+            )
+        if recipe.parallel.context > 1:
+            errors.append("distill.attention_transfer: needs parallel.context=1")
+    if dist.weight > 0 and recipe.parallel.context > 1:
+        errors.append(
+            f"distill.weight={dist.weight}: distillation with parallel.context={recipe.parallel.context} is not "
+            "supported yet; use parallel.context=1 or distill.weight=0"
+        )
     return errors
 
 

@@ -22,11 +22,11 @@ import torch
 import yaml
 
 from .atomic import atomic_directory
-from .attention import summary
+from .attention import summary, transfer
 from .attention.context_parallel import context_parallel
 from .config import Recipe, dump
 from .data import TokenBlocks, batch_indices, build_blocks
-from .loss import chunked_token_nll, sequence_nll
+from .loss import chunked_token_nll, sequence_distill_terms, sequence_nll
 
 DEFAULT_TARGETS = {
     "phi3": ["qkv_proj", "o_proj"],
@@ -73,25 +73,84 @@ class ContextGroup:
 
 
 class CausalLMLoss(torch.nn.Module):
-    """Wraps a (peft) causal LM so that ``forward(input_ids)`` returns the mean next-token loss.
+    """Wraps a (peft) causal LM so that ``forward(input_ids)`` returns the training loss.
 
+    The loss is the mean next-token loss, or with a ``teacher`` (``distill.weight`` > 0)
+    ``(1 - weight) * nll + weight * kl`` where ``kl`` is the per-token KL from the frozen
+    teacher's next-token distribution (``loss.chunked_distill_terms``): every token then
+    carries a dense signal about what full attention would predict, not only the tokens a
+    sparse retrieval target depends on. The parts of the last call are kept in ``parts``.
     The LM head runs in checkpointed chunks (``loss.chunked_token_nll``), so full-sequence
     logits never exist; wrapping keeps the forward inside DDP/FSDP for gradient sync. With a
     :class:`ContextGroup`, the forward runs this rank's shard of the tokens (see
     :func:`context_shard_loss`).
     """
 
-    def __init__(self, model, chunk: int, context: ContextGroup | None = None):
+    def __init__(self, model, chunk: int, context: ContextGroup | None = None, teacher=None, distill=None):
         super().__init__()
         self.model = model
         self.chunk = chunk
         self.context = context
+        self._teacher = [teacher]  # in a list: not a submodule, so DDP/FSDP and state dicts never see it
+        self.distill = distill
+        self.parts: dict[str, torch.Tensor] = {}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if self.context is not None:
             return context_shard_loss(base, input_ids, self.context, self.chunk)
-        return sequence_nll(base, input_ids, chunk=self.chunk).mean()
+        if self.distill is not None and self.distill.attention_transfer:
+            return self._transfer_loss(base, input_ids)
+        teacher = self._teacher[0]
+        if teacher is None:
+            return sequence_nll(base, input_ids, chunk=self.chunk).mean()
+        nll, kl = sequence_distill_terms(base, teacher, input_ids, self.chunk, self.distill.temperature)
+        nll, kl = nll.mean(), kl.mean()
+        self.parts = {"lm_loss": nll.detach(), "kl": kl.detach()}
+        return (1 - self.distill.weight) * nll + self.distill.weight * kl
+
+    def _transfer_loss(self, base, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean over layers of tensorized attention's relative error against exact attention
+        (``attention.transfer``); the model runs as the original full-attention model."""
+        from .loss import final_hidden
+
+        with transfer.attention_transfer() as errors:
+            final_hidden(base, input_ids)
+        if not errors:
+            raise FinetuneError("distill.attention_transfer: no layer of the model ran tensorized attention")
+        loss = torch.stack(errors).mean()
+        self.parts = {"transfer_error": loss.detach()}
+        return loss
+
+
+def load_teacher(recipe: Recipe, student, device):
+    """The frozen distillation teacher (``distill.teacher``), or None when ``distill.weight`` is 0.
+
+    ``base``: the recipe's ``model.source`` with its own full attention (SDPA), as shipped;
+    anything else: a model directory, ``.gguf`` file or Hub id, loaded with SDPA too. The
+    teacher runs in eval mode under ``no_grad`` and must share the student's vocabulary.
+    """
+    from .models import load_causal_lm, resolve_source
+
+    d = recipe.distill
+    if d.weight == 0:
+        return None
+    spec = recipe.model.source if d.teacher == "base" else d.teacher
+    try:
+        source = resolve_source(spec)
+    except Exception as err:
+        raise FinetuneError(f"distill.teacher: {err}") from None
+    teacher, _ = load_causal_lm(
+        source, dtype=recipe.model.dtype, attn_implementation="sdpa", allow_pickle=recipe.model.allow_pickle
+    )
+    ours, theirs = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if ours != theirs:
+        raise FinetuneError(
+            f"distill.teacher {spec!r} has {theirs} output tokens, the model {ours}: a teacher must share the "
+            "model's tokenizer (use distill.teacher=base or a fine-tuned copy of model.source)"
+        )
+    teacher.requires_grad_(False)
+    return teacher.eval().to(device)
 
 
 def context_shard_nll(model, input_ids: torch.Tensor, rank: int, size: int, block_sizes, chunk: int) -> torch.Tensor:
@@ -450,13 +509,18 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     with accelerator.main_process_first():
         blocks: TokenBlocks = build_blocks(recipe.data, tokenizer, cache_dir)
     model = add_adapter(recipe, model)
+    if recipe.distill.attention_transfer:  # only the learned summary parts: the target must not move
+        learned = {id(p) for p in summary.parameters(model)}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in learned)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
     scheduler = make_scheduler(recipe, optimizer)
-    wrapped = CausalLMLoss(model, t.loss_chunk, context)
+    teacher = load_teacher(recipe, model, accelerator.device)
+    wrapped = CausalLMLoss(model, t.loss_chunk, context, teacher=teacher, distill=recipe.distill)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     step, losses = 0, []
     if main:
@@ -478,7 +542,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         parallel.enter_context(context_parallel(context.group))
     try:
         while step < t.steps:
-            micro_losses = []
+            micro_losses, micro_parts = [], []
             for micro in range(t.grad_accum):
                 index = (step * t.grad_accum + micro) * data_size + data_rank
                 idx = batch_indices(len(blocks), recipe.data.seed, index, t.batch_size)
@@ -488,7 +552,12 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
                     loss = _micro_loss(wrapped, batch)
                     accelerator.backward(loss / t.grad_accum)
                 micro_losses.append(loss.detach())
+                micro_parts.append(accelerator.unwrap_model(wrapped).parts)
             step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+            parts = {
+                name: accelerator.reduce(torch.stack([p[name] for p in micro_parts]).mean(), reduction="mean").item()
+                for name in micro_parts[0]
+            }
             if not math.isfinite(step_loss):
                 raise NonFiniteLossError(
                     f"the loss became {step_loss} at step {step + 1}; training stopped. The last good checkpoint "
@@ -503,12 +572,13 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
             losses.append(step_loss)
             elapsed = time.time() - start_time
             tok_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.4f}" for k, v in parts.items()}, tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if main and step % t.log_every == 0:
                 record = {
                     "step": step,
                     "loss": step_loss,
+                    **parts,
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens": step * tokens_per_step,

@@ -16,12 +16,13 @@ No model forward method is patched.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import torch
 
-from . import summary
+from . import summary, transfer
 from .cache import cached_tensorized_attention, layer_for_keys
 from .context_parallel import active_group, context_parallel_attention
 from .exact import exact_causal_attention
@@ -140,7 +141,17 @@ def tensorized_attention_forward(
         out = context_parallel_attention(query, key, value, opts, group=cp_group, **common)
     else:
         extra = summary.arguments_for(module) if opts.summary == "learned" else {}
-        out = tensorized_attention_with_options(query, key, value, opts, **common, **extra)
+
+        def run(q, k, v):
+            return tensorized_attention_with_options(q, k, v, opts, **common, **extra)
+
+        if transfer.collecting():  # attention transfer: the layer returns exact attention, TA's error is recorded
+            exact = functools.partial(
+                exact_causal_attention, padding_mask=attention_mask, scaling=scaling, softcap=softcap
+            )
+            out = transfer.record(run, exact, query, key, value, attention_mask)
+        else:
+            out = run(query, key, value)
     return out.transpose(1, 2).contiguous(), None
 
 

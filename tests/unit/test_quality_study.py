@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).parents[2]
@@ -50,3 +51,38 @@ def test_study_trains_evaluates_and_reports_on_the_tiny_model(tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "ctxext finetune" not in again.stdout and "ctxext eval" not in again.stdout, "finished work is skipped"
+
+
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_second_stage_trains_after_the_run_it_starts_from(tmp_path):
+    study = _study_module()
+
+    def recipe(name, source):
+        return {"output_dir": tmp_path / name, "raw": {"model": {"source": source}}}
+
+    recipes = {
+        "stage2": recipe("stage2", str(tmp_path / "stage1" / "merged")),
+        "stage1": recipe("stage1", "smollm2"),
+        "other": recipe("other", "smollm2"),
+    }
+    waves = study.training_waves(recipes)
+    assert [sorted(w) for w in waves] == [["other", "stage1"], ["stage2"]]
+    recipes["stage1"]["raw"]["model"]["source"] = str(tmp_path / "stage2" / "merged")
+    with pytest.raises(SystemExit, match="cycle"):
+        study.training_waves(recipes)
+
+
+def test_the_loss_curve_is_the_language_model_loss_of_a_distilled_run(tmp_path):
+    study = _study_module()
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 1.5, "lm_loss": 2.5, "kl": 0.5}) + "\n" + json.dumps({"step": 2, "loss": 2.0})
+    )
+    assert study._loss_curve({"output_dir": tmp_path}) == [(1, 2.5), (2, 2.0)]

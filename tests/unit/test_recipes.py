@@ -79,3 +79,13 @@ def test_overrides_are_typed(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load(tmp_path / "nope.yaml")
+
+
+STUDY_RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("study*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDY_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_study_recipe_validates_and_names_the_study_command(path):
+    load(path)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("benchmarks/quality_study.py" in line for line in header), "say which command runs the recipe"
