@@ -124,3 +124,18 @@ def test_transfer_settings_are_checked(tmp_path):
         )
     text = str(err.value)
     assert "summary=learned" in text and "set distill.weight=0" in text and "gradient_checkpointing=false" in text
+
+
+def test_the_transfer_error_diagnostic_reports_per_document_and_layer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "transfer_error", Path(__file__).parents[2] / "benchmarks" / "transfer_error.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, ta = _models()
+    docs = [torch.randint(0, ta.config.vocab_size, (n,)) for n in (8, 40)]
+    errors = script.layer_errors(ta, docs)
+    assert errors.shape == (2, ta.config.num_hidden_layers)
+    assert errors[0].max() < 1e-10 and errors[1].min() > 1e-4  # one block is exact; five blocks are not
