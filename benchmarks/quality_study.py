@@ -232,8 +232,9 @@ def _loss_curve(recipe: dict) -> list[tuple[int, float]]:
     if not metrics.is_file():
         return []
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
-    # the language-model loss, comparable across models (a distilled run's objective also holds its KL)
-    return [(x["step"], x.get("lm_loss", x["loss"])) for x in rows]
+    # the language-model loss, comparable across models (a distilled run's objective also holds its KL;
+    # an attention-transfer run has none)
+    return [(x["step"], x.get("lm_loss", x["loss"])) for x in rows if "transfer_error" not in x]
 
 
 def _settings(recipe: dict | None) -> str:
@@ -247,6 +248,10 @@ def _settings(recipe: dict | None) -> str:
     distill = recipe["raw"].get("distill") or {}
     if distill.get("weight"):
         text += f"; distilled from {distill.get('teacher', 'base')} (KL weight {distill['weight']})"
+    if distill.get("attention_transfer"):
+        text += "; attention transfer (only the learned summaries train, no LM loss)"
+    if m.get("source", "smollm2") != "smollm2":
+        text += f"; starts from `{m['source']}`"
     return text
 
 

@@ -86,3 +86,5 @@ def test_the_loss_curve_is_the_language_model_loss_of_a_distilled_run(tmp_path):
         json.dumps({"step": 1, "loss": 1.5, "lm_loss": 2.5, "kl": 0.5}) + "\n" + json.dumps({"step": 2, "loss": 2.0})
     )
     assert study._loss_curve({"output_dir": tmp_path}) == [(1, 2.5), (2, 2.0)]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.1, "transfer_error": 0.1}) + "\n")
+    assert study._loss_curve({"output_dir": tmp_path}) == [], "an attention-transfer run has no LM loss"
