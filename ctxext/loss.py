@@ -53,6 +53,15 @@ def sequence_nll(model, input_ids: torch.Tensor, chunk: int = 2048) -> torch.Ten
     return chunked_token_nll(model, hidden[:, :-1], input_ids[:, 1:], chunk=chunk)
 
 
+def check_same_vocabulary(teacher, model) -> None:
+    """Raise ``ValueError`` unless ``teacher`` and ``model`` have output heads of the same size."""
+    theirs, ours = (m.get_output_embeddings().weight.shape[0] for m in (teacher, model))
+    if theirs != ours:
+        raise ValueError(
+            f"distillation needs the teacher's vocabulary: teacher has {theirs} output tokens, the student {ours}"
+        )
+
+
 def chunked_distill_terms(
     model,
     teacher,
@@ -81,11 +90,7 @@ def chunked_distill_terms(
         kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1) * temperature**2  # (B, c)
         return torch.stack([nll, kl])  # (2, B, c)
 
-    theirs, ours = (m.get_output_embeddings().weight.shape[0] for m in (teacher, model))
-    if theirs != ours:
-        raise ValueError(
-            f"distillation needs the teacher's vocabulary: teacher has {theirs} output tokens, the student {ours}"
-        )
+    check_same_vocabulary(teacher, model)
     out = []
     for start in range(0, hidden.shape[1], chunk):
         args = (

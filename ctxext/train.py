@@ -26,7 +26,7 @@ from .attention import summary, transfer
 from .attention.context_parallel import context_parallel
 from .config import Recipe, dump
 from .data import TokenBlocks, batch_indices, build_blocks
-from .loss import chunked_token_nll, sequence_distill_terms, sequence_nll
+from .loss import check_same_vocabulary, chunked_token_nll, final_hidden, sequence_distill_terms, sequence_nll
 
 DEFAULT_TARGETS = {
     "phi3": ["qkv_proj", "o_proj"],
@@ -112,8 +112,6 @@ class CausalLMLoss(torch.nn.Module):
     def _transfer_loss(self, base, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean over layers of tensorized attention's relative error against exact attention
         (``attention.transfer``); the model runs as the original full-attention model."""
-        from .loss import final_hidden
-
         with transfer.attention_transfer() as errors:
             final_hidden(base, input_ids)
         if not errors:
@@ -143,12 +141,13 @@ def load_teacher(recipe: Recipe, student, device):
     teacher, _ = load_causal_lm(
         source, dtype=recipe.model.dtype, attn_implementation="sdpa", allow_pickle=recipe.model.allow_pickle
     )
-    ours, theirs = student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-    if ours != theirs:
+    try:
+        check_same_vocabulary(teacher, student)
+    except ValueError as err:
         raise FinetuneError(
-            f"distill.teacher {spec!r} has {theirs} output tokens, the model {ours}: a teacher must share the "
-            "model's tokenizer (use distill.teacher=base or a fine-tuned copy of model.source)"
-        )
+            f"distill.teacher {spec!r}: {err}; a teacher must share the model's tokenizer (use distill.teacher=base "
+            "or a fine-tuned copy of model.source)"
+        ) from None
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 

@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ctxext.attention import summary, transfer
 from ctxext.attention.options import TensorizedOptions
-from ctxext.config import RecipeError, load
+from ctxext.config import RecipeError
 from ctxext.models import apply_tensorized
 from ctxext.tiny import byte_tokenizer, tiny_model
 from ctxext.train import finetune
 
-TINY = Path(__file__).parents[2] / "recipes" / "tiny-debug.yaml"
+from .tiny_recipe import tiny_recipe
+
 LEARNED = "{block_sizes: [8], causal: complete, sinks: 2, local: window, merge: mass, summary: learned}"
 
 
@@ -25,14 +27,8 @@ def _models():
     exact = tiny_model("llama").float().eval()
     exact.set_attn_implementation("sdpa")
     ta = tiny_model("llama").float().eval()
-    apply_tensorized(ta, TensorizedOptions.from_dict(yaml_dict(LEARNED)))
+    apply_tensorized(ta, TensorizedOptions.from_dict(yaml.safe_load(LEARNED)))
     return exact, ta
-
-
-def yaml_dict(text: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def test_inside_transfer_the_model_runs_exact_attention_and_records_each_layer():
@@ -69,20 +65,15 @@ def test_relative_error_ignores_padding():
 
 
 def _recipe(tmp_path: Path, *overrides: str):
-    base = [
-        f"train.output_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_tokens=16384",
+    transfer_stage = [
         f"model.tensorized={LEARNED}",
         "distill.attention_transfer=true",
         "train.gradient_checkpointing=false",
-        "train.steps=12",
         "train.lr=2e-2",
         "train.warmup_steps=0",
         "train.schedule=constant",
-        "train.save_every=0",
     ]
-    return load(TINY, [*base, *overrides])
+    return tiny_recipe(tmp_path, *transfer_stage, *overrides, steps=12, save_every=0)
 
 
 def _mean_error(state, ids: list[int]) -> float:

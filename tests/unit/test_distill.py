@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxext.config import RecipeError, load
+from ctxext.config import RecipeError
 from ctxext.loss import chunked_distill_terms, final_hidden, sequence_distill_terms
 from ctxext.tiny import tiny_model
 from ctxext.train import FinetuneError, finetune
 
-TINY = Path(__file__).parents[2] / "recipes" / "tiny-debug.yaml"
+from .tiny_recipe import tiny_recipe
 
 
 def _pair():
@@ -82,14 +82,7 @@ def test_a_teacher_with_another_vocabulary_is_refused():
 
 
 def _recipe(tmp_path: Path, *overrides: str):
-    base = [
-        f"train.output_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_tokens=16384",
-        "train.steps=3",
-        "train.save_every=0",
-    ]
-    return load(TINY, [*base, *overrides])
+    return tiny_recipe(tmp_path, *overrides, steps=3, save_every=0)
 
 
 def _metrics(tmp_path: Path) -> list[dict]:

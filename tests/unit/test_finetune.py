@@ -13,23 +13,16 @@ from typer.testing import CliRunner
 
 import ctxext.train as train_mod
 from ctxext.cli import app
-from ctxext.config import load
 from ctxext.data import DataError
 from ctxext.train import FinetuneError, NonFiniteLossError, finetune
 
-TINY = Path(__file__).parents[2] / "recipes" / "tiny-debug.yaml"
+from .tiny_recipe import TINY, tiny_recipe
+
 runner = CliRunner()
 
 
 def _recipe(tmp_path: Path, *overrides: str):
-    base = [
-        f"train.output_dir={tmp_path / 'run'}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.max_tokens=16384",
-        "train.steps=6",
-        "train.save_every=3",
-    ]
-    return load(TINY, [*base, *overrides])
+    return tiny_recipe(tmp_path, *overrides, steps=6, save_every=3)
 
 
 def _interrupt_at(monkeypatch, call: int, exc: BaseException):
