@@ -63,6 +63,9 @@ def convert(
     merge: Annotated[str, typer.Option(help="score | lse | mass")] = "lse",
     long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
     summary: Annotated[str, typer.Option(help="token | pooled | learned (far-entry summaries)")] = "token",
+    retrieve: Annotated[
+        int, typer.Option(help="Far blocks each query also reads exactly (top by a q.k bound; 0: none).")
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -93,6 +96,7 @@ def convert(
             merge=merge,
             long_range=long_range,
             summary=summary,
+            retrieve=retrieve,
             backend=backend,
         )
         errors = options.problems(where="option")

@@ -123,11 +123,14 @@ def tensorized_attention_forward(
     )
     cache_layer = layer_for_keys(key)
     cp_group = active_group()
-    if opts.summary != "token":
+    unsupported = f"summary={opts.summary!r}" if opts.summary != "token" else None
+    if opts.retrieve:
+        unsupported = f"retrieve={opts.retrieve}"
+    if unsupported:
         if cp_group is not None or (cache_layer is not None and query.shape[-2] != key.shape[-2]):
             where = "context parallelism" if cp_group is not None else "the decode cache"
             raise NotImplementedError(
-                f"tensorized_attention.summary={opts.summary!r} is not supported by {where} yet; "
+                f"tensorized_attention.{unsupported} is not supported by {where} yet; "
                 + (
                     "run on one process"
                     if cp_group is not None

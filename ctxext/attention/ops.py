@@ -120,6 +120,7 @@ def tensorized_attention(
     merge: str = "score",
     long_range: bool = True,
     summary: str = "token",
+    retrieve: int = 0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -144,6 +145,8 @@ def tensorized_attention(
         long_range: False keeps only the local hop.
         summary: ``"token"``, ``"pooled"`` or ``"learned"``: how far entries of outer hops are
             summarised and keyed (``complete`` only; see :class:`TensorizedOptions`).
+        retrieve: far inner blocks each query also reads exactly (top by a bound on ``q . k``;
+            0: none; see ``ctxext/attention/retrieve.py``).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -171,6 +174,7 @@ def tensorized_attention(
         merge=merge,
         long_range=long_range,
         summary=summary,
+        retrieve=retrieve,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

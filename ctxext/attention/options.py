@@ -43,6 +43,9 @@ class TensorizedOptions:
         summary holds, not by one arbitrary token's key. ``learned``: ``pooled``, and the full
         stream's query is the token's query plus a learned per-head summary query (parameters
         saved beside the model, see ``ctxext/attention/summary.py``).
+    retrieve: far inner blocks each query also reads exactly, in its local softmax: the
+        ``retrieve`` blocks with the highest bound on ``q . k`` (0: none; see
+        ``ctxext/attention/retrieve.py``).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -54,6 +57,7 @@ class TensorizedOptions:
     merge: str = "score"
     long_range: bool = True
     summary: str = "token"
+    retrieve: int = 0
     backend: str = "auto"
 
     @property
@@ -121,6 +125,11 @@ class TensorizedOptions:
             )
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             errors.append(f"{where}.sinks: expected a non-negative integer, got {self.sinks!r}")
+        if isinstance(self.retrieve, bool) or not isinstance(self.retrieve, int) or self.retrieve < 0:
+            errors.append(
+                f"{where}.retrieve: expected the number of far blocks each query reads exactly (0 for none), "
+                f"got {self.retrieve!r}"
+            )
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")
         return errors

@@ -32,6 +32,11 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   stream of the local hop (causal streams keep the token's own query), and, with
   ``summary_gate[h]``, keys a far entry by ``own key + gate * (pooled key - own key)``: both
   start at zero, so a freshly converted ``learned`` model computes ``summary="token"``.
+* ``retrieve = r > 0``: the causal key set of the local hop also holds every real, non-sink slot
+  of the ``r`` far blocks p chose (blocks of n slots ending before its causal range; chosen per
+  query head by :func:`ctxext.attention.retrieve.select_far_blocks`), one softmax with the rest.
+  With ``rope="axis"`` those scores use the query at coordinate ``p - start`` and a retrieved
+  slot at ``(slot mod n) - n``.
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -50,6 +55,7 @@ import torch
 
 from .layout import full_axes, multi_index
 from .options import TensorizedOptions
+from .retrieve import retrievable_keys, select_far_blocks, selection_frame
 from .rope import rerotate
 from .softmax import masked_softmax
 
@@ -96,8 +102,6 @@ def reference_tensorized_attention(
     group = n_heads // k.shape[1]
     compute = torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    k = k.repeat_interleave(group, dim=1)  # the reference may repeat k/v: (B, Hq, L, D)
-    v = v.repeat_interleave(group, dim=1)
     scaling = dim**-0.5 if scaling is None else scaling
     if valid is None:
         valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
@@ -105,11 +109,18 @@ def reference_tensorized_attention(
         raise ValueError("rope='axis' needs the model's RoPE inverse frequencies (inv_freq)")
     slots = torch.arange(length, device=q.device)
     pos = (positions if positions is not None else slots[None].expand(batch, length)).to(compute)  # (B, L)
+    n = opts.block_sizes[-1]
+    if opts.retrieve:  # far blocks each query reads exactly: (B, Hq, L, nb), and the frame they are read in
+        q_far, k_far = selection_frame(q, k, pos, opts, inv_freq, n)
+        far_ok = retrievable_keys(valid, opts.sinks)
+        chosen = select_far_blocks(q_far, k_far, far_ok, opts, n)
+        k_far = k_far.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(group, dim=1)  # the reference may repeat k/v: (B, Hq, L, D)
+    v = v.repeat_interleave(group, dim=1)
 
     axes = full_axes(length, opts.block_sizes)
     idx = multi_index(length, axes).tolist()  # per slot: [i_1, ..., i_m]
     strides = [math.prod(axes[j + 1 :]) for j in range(len(axes))]
-    n = axes[-1]
     complete = opts.causal == "complete"
     pooled = complete and opts.summary != "token"
     if pooled and inv_freq is None:
@@ -133,18 +144,25 @@ def reference_tensorized_attention(
             ks = rerotate(ks, (torch.tensor(sinks, dtype=compute) - pos[:, sinks])[:, None, :], inv_freq)
         return score(qp, ks)
 
-    def local_stream(p: int, keys: list[int], queries=q, values=v) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_stream(p: int, keys: list[int], queries=q, values=v, far=False) -> tuple[torch.Tensor, torch.Tensor]:
         start = keys[0]
         sinks = [t for t in range(min(opts.sinks, length)) if t < start]
         s = score(queries[:, :, p], k[:, :, keys])
         vals = values[:, :, keys]
-        mask = valid[:, keys]
+        mask = valid[:, keys][:, None].expand(s.shape)  # (B, H, K): per head once far blocks enter
         if sinks:
             s = torch.cat([sink_scores(p, start, sinks, queries), s], dim=-1)
             vals = torch.cat([values[:, :, sinks], vals], dim=2)
-            mask = torch.cat([valid[:, sinks], mask], dim=-1)
-        mask = mask & valid[:, p : p + 1]  # padding queries attend to nothing
-        return _combine(s, vals, mask)
+            mask = torch.cat([valid[:, sinks][:, None].expand(batch, n_heads, len(sinks)), mask], dim=-1)
+        far_slots = list(range(start // n * n)) if far else []  # every slot of a block ending before start
+        if far_slots:
+            s = torch.cat([s, score(q_far[:, :, p], k_far[:, :, far_slots])], dim=-1)
+            vals = torch.cat([vals, values[:, :, far_slots]], dim=2)
+            picked = chosen[:, :, p, [t // n for t in far_slots]] & far_ok[:, None, far_slots]  # (B, H, F)
+            mask = torch.cat([mask, picked], dim=-1)
+        mask = mask & valid[:, None, p : p + 1]  # padding queries attend to nothing
+        probs, lse = masked_softmax(s, mask)
+        return torch.einsum("bhk,bhkd->bhd", probs, vals), lse
 
     # ---- local hop (axis m) ----
     causal_out, causal_lse, full_out, full_lse = [], [], [], []
@@ -154,7 +172,7 @@ def reference_tensorized_attention(
         causal_keys = [t for t in own if t <= p]
         if opts.local == "window" and block_start > 0:
             causal_keys = list(range(block_start - n, block_start)) + causal_keys
-        out, lse = local_stream(p, causal_keys)
+        out, lse = local_stream(p, causal_keys, far=opts.retrieve > 0)
         causal_out.append(out)
         causal_lse.append(lse)
         if complete:

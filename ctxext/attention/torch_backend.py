@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
+from .retrieve import merge_streams, retrievable_keys, retrieved_attention, select_far_blocks, selection_frame
 from .rope import rerotate
 from .softmax import softmax_rows
 
@@ -312,16 +313,23 @@ def torch_tensorized_attention(
     all_valid = valid is None and pad == 0
     if valid is None:
         valid = torch.ones(b, length, dtype=torch.bool, device=q.device)
-    q = q.to(compute) * scaling  # fold the score scale into q once: O(N D), not O(N n)
     q, k, v = (F.pad(x.to(compute), (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, Lp, D)
-    valid = None if all_valid else F.pad(valid, (0, pad))
-    need_lse = opts.merge != "score" and opts.long_range
+    valid_slots = F.pad(valid, (0, pad))  # (B, Lp)
+    valid = None if all_valid else valid_slots
     slots = torch.arange(lp, device=q.device)
     if positions is None:
         positions = slots[None].expand(b, lp)
     else:  # padded slots continue the row's positions (they are masked keys)
         positions = torch.cat([positions, positions[:, -1:] + 1 + slots[None, :pad]], dim=1)
     positions = positions.to(compute)
+    retrieval = None
+    if opts.retrieve and len(axes) > 1:  # far blocks read exactly: chosen before the score scale
+        qs, ks = selection_frame(q, k, positions, opts, inv_freq, axes[-1])
+        key_ok = retrievable_keys(valid_slots, opts.sinks)
+        chosen = select_far_blocks(qs, ks, key_ok, opts, axes[-1])
+        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, axes[-1], softcap)
+    q = q * scaling  # fold the score scale into q once: O(N D), not O(N n)
+    need_lse = (opts.merge != "score" and opts.long_range) or retrieval is not None
 
     pooled = opts.summary != "token" and opts.causal == "complete" and opts.long_range and len(axes) > 1
     if pooled and inv_freq is None:
@@ -331,6 +339,8 @@ def torch_tensorized_attention(
         sq = summary_query.to(compute)[None, :, None, :].expand(b, hq, lp, d)
         summary_q = q + rerotate(sq, positions[:, None, :], inv_freq) * scaling
     C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q)
+    if retrieval is not None:  # one softmax over window, sinks and the retrieved blocks
+        C, lse_C = merge_streams(C, lse_C, *retrieval)
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):

@@ -40,6 +40,8 @@ def unsupported_reason(
         return f"sinks={options.sinks} is not fused into the kernels yet (sinks=0 runs fused)"
     if options.summary != "token":
         return f"summary={options.summary!r} is not fused into the kernels yet"
+    if options.retrieve:
+        return f"retrieve={options.retrieve} is not fused into the kernels yet"
     if options.merge not in ("score", "lse", "mass"):
         return f"merge={options.merge!r} is not implemented in the kernels"
     if dtype not in KERNEL_DTYPES:

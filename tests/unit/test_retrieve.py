@@ -1,0 +1,172 @@
+"""Far-block retrieval (``retrieve=k``): the torch backend against the reference, the invariants of
+DESIGN.md section 1 with retrieval on, what a query reads, and the clear errors where it is unsupported."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
+from ctxext.attention.retrieve import retrievable_keys, select_far_blocks
+from ctxext.attention.triton_backend import unsupported_reason
+
+from . import operator_cases as oc
+from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
+from .test_operator_invariants import check_causal, check_convex
+
+RETRIEVE_OPTIONS = [
+    {"causal": causal, "rope": rope, "sinks": sinks, "local": local, "merge": merge, "long_range": lr, "retrieve": r}
+    for causal, rope, sinks, local, merge, lr, r in itertools.product(
+        oc.CAUSAL, oc.ROPE, oc.SINKS, oc.LOCAL, ("score", "lse"), oc.LONG_RANGE, (1, 3)
+    )
+]
+
+
+def _id(o: dict) -> str:
+    return oc.option_id(o) + f"-r{o['retrieve']}"
+
+
+@pytest.mark.parametrize("opts", RETRIEVE_OPTIONS[::2], ids=_id)
+def test_torch_matches_reference(opts):
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
+    got = oc.run_slots("torch", q, k, v, (4,), opts)
+    want = oc.run_slots("reference", q, k, v, (4,), opts)
+    oc.assert_close(got, want, 1e-12, "torch vs reference")
+
+
+@pytest.mark.parametrize("opts", RETRIEVE_OPTIONS[1::7], ids=_id)
+def test_torch_matches_reference_three_axes_holes_and_positions(opts):
+    n = 53
+    q, k, v = oc.make_qkv(batch=3, hq=6, hkv=2, n=n, seed=7)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[0, 12:16] = False  # a whole inner block of holes: never chosen
+    valid[1, :10] = False
+    valid[2, -6:] = False
+    positions = torch.arange(n, dtype=oc.F64)[None].expand(3, n) + torch.tensor([[0.0], [5.0], [17.0]], dtype=oc.F64)
+    got = oc.run_slots("torch", q, k, v, (3, 4), opts, valid=valid, positions=positions)
+    want = oc.run_slots("reference", q, k, v, (3, 4), opts, valid=valid, positions=positions)
+    oc.assert_close(got, want, 1e-12, "torch vs reference")
+    assert (got.transpose(1, 2)[~valid] == 0).all(), "masked slots must output zeros"
+
+
+@pytest.mark.parametrize("sinks", oc.SINKS)
+@pytest.mark.parametrize("local", oc.LOCAL)
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_retrieving_every_far_block_is_exact_attention(backend, local, sinks):
+    """Window + sinks + every far block read exactly = every earlier token, each once."""
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=39, seed=3)
+    opts = {"sinks": sinks, "local": local, "long_range": False, "retrieve": 10}
+    got = oc.run_slots(backend, q, k, v, (4,), opts)
+    oc.assert_close(got, oc.causal_sdpa(q, k, v), 1e-12, "all far blocks retrieved vs SDPA")
+
+
+@pytest.mark.parametrize("rope", oc.ROPE)
+def test_one_block_equals_causal_sdpa(rope):
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=13, seed=2)
+    got = oc.run_api("torch", q, k, v, (16,), {"rope": rope, "sinks": 2, "local": "window", "retrieve": 2})
+    oc.assert_close(got, oc.causal_sdpa(q, k, v), 1e-12, "one block vs SDPA")
+
+
+@pytest.mark.parametrize("opts", RETRIEVE_OPTIONS[::5], ids=_id)
+def test_causal(opts):
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=37, seed=9)
+    check_causal(lambda q, k, v: oc.run_slots("torch", q, k, v, (4,), opts), q, k, v, [0, 8, 11, 17, 30])
+
+
+@pytest.mark.parametrize("opts", RETRIEVE_OPTIONS[::6], ids=_id)
+def test_convex_and_finite_with_padding(opts):
+    check_convex("torch", opts)
+
+
+@pytest.mark.parametrize("rope", oc.ROPE)
+@pytest.mark.parametrize("retrieve", (1, 2))
+def test_a_query_reads_whole_chosen_blocks_and_nothing_else_far(rope, retrieve):
+    """long_range=False: each query's keys are its local key set plus at most ``retrieve`` whole
+    far blocks, and those are the blocks with the highest bound on q.k."""
+    n, block, sinks = 40, 4, 2
+    q, k, _ = oc.make_qkv(batch=1, hq=2, hkv=1, n=n, seed=4)
+    opts = {"rope": rope, "sinks": sinks, "local": "window", "long_range": False, "retrieve": retrieve}
+    w = oc.weight_matrix(lambda q, k, v: oc.run_slots("torch", q, k, v, (block,), opts), q, k, 1)[0]  # (H, N, N)
+    local = oc.local_set(n, block, sinks, window=True)
+    o = oc.options((block,), **opts)
+    inv = oc.rope_inv_freq(q.shape[-1])
+    from ctxext.attention.retrieve import selection_frame
+
+    qs, ks = selection_frame(q, k, torch.arange(n, dtype=oc.F64)[None], o, inv, block)
+    chosen = select_far_blocks(qs, ks, retrievable_keys(torch.ones(1, n, dtype=torch.bool), sinks), o, block)[0]
+    for h in range(2):
+        for p in range(n):
+            far = (w[h, p] != 0) & ~local[p]
+            blocks = sorted({t // block for t in far.nonzero().flatten().tolist()})
+            start = max(p // block * block - block, 0)
+            eligible = start // block
+            assert len(blocks) == min(retrieve, eligible), f"query {p}, head {h}: far blocks {blocks}"
+            assert blocks == chosen[h, p].nonzero().flatten().tolist()
+            for b in blocks:  # whole blocks, minus the sinks
+                want = torch.zeros(n, dtype=torch.bool)
+                want[max(b * block, sinks) : (b + 1) * block] = True
+                assert torch.equal(far & want, want), f"query {p} read block {b} only in part"
+
+
+def test_the_chosen_block_holds_the_best_matching_key():
+    """A key planted far back that matches the query is read with most of the weight."""
+    n, block, d = 64, 8, 16
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, n, d, generator=gen, dtype=oc.F64) * 0.3
+    k = torch.randn(1, 1, n, d, generator=gen, dtype=oc.F64) * 0.3
+    v = torch.zeros(1, 1, n, d, dtype=oc.F64)
+    target = torch.randn(d, generator=gen, dtype=oc.F64)
+    q[0, 0, -1], k[0, 0, 13], v[0, 0, 13, 0] = 4 * target, 4 * target, 1.0  # slot 13: block 1 of 8
+    opts = {"sinks": 2, "local": "window", "long_range": True, "merge": "lse"}
+    with_retrieval = oc.run_slots("torch", q, k, v, (block,), {**opts, "retrieve": 1})
+    without = oc.run_slots("torch", q, k, v, (block,), opts)
+    assert with_retrieval[0, 0, -1, 0] > 0.9, "the planted key's value must dominate the last query's output"
+    assert without[0, 0, -1, 0] < 0.5, "without retrieval the summary path should not recover it this well"
+
+
+def test_gradients_match_finite_differences():
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=19, dim=4, seed=6, requires_grad=True)
+    opts = {"sinks": 1, "local": "window", "merge": "lse", "retrieve": 1}
+    assert torch.autograd.gradcheck(lambda q, k, v: oc.run_slots("torch", q, k, v, (4,), opts), (q, k, v))
+
+
+@pytest.mark.parametrize("bad", [-1, True, "2", 1.5])
+def test_bad_retrieve_is_named(bad):
+    with pytest.raises(TensorizedConfigError, match=r"tensorized_attention\.retrieve: expected the number"):
+        TensorizedOptions.from_dict({"retrieve": bad})
+
+
+def test_kernels_name_retrieve_as_unsupported():
+    reason = unsupported_reason(TensorizedOptions(retrieve=2), torch.float32, 64, torch.device("cpu"))
+    assert reason is not None and "retrieve=2" in reason
+
+
+def test_convert_option_reaches_the_model_and_the_decode_cache_refuses_it_clearly(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from ctxext.attention.hf import options_from_config
+    from ctxext.cli import app
+    from tests.unit.test_convert import _save_source
+
+    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
+    args = ["convert", str(src), str(out), "--block-sizes", "8", "--retrieve", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert options_from_config(model.config).retrieve == 2
+    ids = torch.randint(0, 127, (1, 40))
+    with torch.no_grad():
+        with_retrieval = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve": 0}
+        without = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve": 2}
+    assert (with_retrieval[0, :16] - without[0, :16]).abs().max() < 1e-5, "no far block before slot 16"
+    assert (with_retrieval[0, 16:] - without[0, 16:]).abs().max() > 1e-4, "far blocks change later logits"
+    with pytest.raises(NotImplementedError, match="retrieve=2 is not supported by the decode cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False).shape == (1, 42)
+    bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve", "-1"])
+    assert bad.exit_code != 0 and "--retrieve" in bad.output and not (tmp_path / "bad").exists()
