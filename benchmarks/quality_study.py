@@ -47,6 +47,7 @@ HELD_OUT_PACKAGES = ("pydoc_data", "tkinter", "email", "unittest", "idlelib", "u
 EVAL_VARIANTS = {
     "window, rope=axis at eval": ("window", ["--set", "rope=axis"], ("ppl",)),
     "learned, rope=axis at eval": ("learned", ["--set", "rope=axis"], ("ppl",)),
+    "retrieve, rope=axis at eval": ("retrieve", ["--set", "rope=axis"], ("ppl", "passkey")),
 }
 
 
