@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .options import TensorizedOptions
+from .retrieve import key_frame, merge_streams, query_frame, retrievable_keys, retrieved_attention, select_far_blocks
 from .rope import rerotate
 from .slot_buffer import SlotBuffer
 from .softmax import masked_softmax
@@ -192,6 +193,23 @@ class _Step:
         if n_sinks:
             out = out + torch.einsum("hgqs,hsd->hgqd", probs[..., :n_sinks], sink_v)
         return out.flatten(0, 1), lse.flatten(0, 1)
+
+    def retrieved(self, q: torch.Tensor, slots: torch.Tensor, C: torch.Tensor, lse_C: torch.Tensor):
+        """Add the far blocks each new query chooses (``retrieve``) to its local softmax.
+
+        q: ``(Hq, Q, D)`` at ``slots`` ``(Q,)``; C, lse_C: the local hop's ``(Hq, Q, D)``, ``(Hq, Q)``.
+        The choice reads every earlier key once (``O(N D)`` per token, like a KV-cache step); the
+        attention reads the ``retrieve`` chosen blocks.
+        """
+        n = self.opts.inner_block
+        every = torch.arange(self.row.n_slots, device=slots.device)
+        k, v = self.kv(every)  # (Hkv, S, D)
+        ks = key_frame(k[None], self.positions(every)[None], self.opts, self.inv_freq, n)
+        qs = query_frame(q[None], slots, self.positions(slots)[None], self.opts, self.inv_freq, n)
+        key_ok = retrievable_keys(torch.ones(1, len(every), dtype=torch.bool, device=slots.device), self.opts.sinks)
+        chosen = select_far_blocks(qs, ks, key_ok, self.opts, n, q_slots=slots)
+        far, lse_far = retrieved_attention(qs * self.geo.scaling, ks, v[None], chosen, key_ok, n, self.geo.softcap)
+        return merge_streams(C, lse_C, far[0], lse_far[0])
 
     def _local_causal_one(self, q: torch.Tensor, p: int, n: int, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The local hop of one decoded token (no sinks, contiguous row): keys sliced, no gather."""
@@ -371,6 +389,8 @@ def causal_outputs(row: RowState, step: _Step, q: torch.Tensor, first: int) -> t
         for p in _groups(len(slots), width * geo.n_kv_heads * geo.head_dim)
     ]
     C, lse_C = torch.cat([c for c, _ in parts], 1), torch.cat([x for _, x in parts], 1)
+    if opts.retrieve:
+        C, lse_C = step.retrieved(q, slots, C, lse_C)
     if not opts.long_range:
         return C
     for j in range(len(geo.strides) - 1, -1, -1):

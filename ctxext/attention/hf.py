@@ -124,7 +124,7 @@ def tensorized_attention_forward(
     cache_layer = layer_for_keys(key)
     cp_group = active_group()
     unsupported = f"summary={opts.summary!r}" if opts.summary != "token" else None
-    if opts.retrieve:
+    if opts.retrieve and cp_group is not None:
         unsupported = f"retrieve={opts.retrieve}"
     if unsupported:
         if cp_group is not None or (cache_layer is not None and query.shape[-2] != key.shape[-2]):

@@ -36,31 +36,44 @@ from .rope import rerotate
 from .softmax import masked_softmax
 
 
-def local_range_start(length: int, n: int, window: bool, device: torch.device) -> torch.Tensor:
-    """``(L,)`` first slot of each slot's causal local range: its block start (minus n with a window)."""
-    start = torch.arange(length, device=device) // n * n
+def local_range_start(slots: torch.Tensor, n: int, window: bool) -> torch.Tensor:
+    """First slot of each slot's causal local range: its block start (minus n with a window)."""
+    start = torch.div(slots, n, rounding_mode="floor") * n
     return (start - n).clamp_min(0) if window else start
+
+
+def query_frame(
+    q: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, opts: TensorizedOptions, inv_freq, n: int
+) -> torch.Tensor:
+    """Queries as the retrieval path scores them: ``(B, Hq, Q, D)``.
+
+    slots: ``(Q,)`` slot of each query; positions: ``(B, Q)`` their RoPE positions (float).
+    With ``rope="axis"`` a query moves to coordinate ``p - start`` (its local range's start);
+    with ``absolute`` it is unchanged.
+    """
+    if opts.rope != "axis":
+        return q
+    start = local_range_start(slots, n, opts.local == "window")
+    return rerotate(q, ((slots - start).to(positions.dtype)[None] - positions)[:, None, :], inv_freq)
+
+
+def key_frame(k: torch.Tensor, positions: torch.Tensor, opts: TensorizedOptions, inv_freq, n: int) -> torch.Tensor:
+    """Keys of slots ``0..L-1`` as the retrieval path scores them: ``(B, Hkv, L, D)``.
+
+    With ``rope="axis"`` a slot at offset ``o`` in its block moves to coordinate ``o - n``.
+    """
+    if opts.rope != "axis":
+        return k
+    coord = (torch.arange(k.shape[-2], device=k.device) % n - n).to(positions.dtype)
+    return rerotate(k, (coord[None] - positions)[:, None, :], inv_freq)
 
 
 def selection_frame(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, opts: TensorizedOptions, inv_freq, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k as the retrieval path scores them: ``(B, Hq, L, D)``, ``(B, Hkv, L, D)``.
-
-    positions: ``(B, L)`` RoPE positions of the slots (float). With ``rope="axis"`` q moves to
-    coordinate ``p - start`` and k to ``(slot mod n) - n``; with ``absolute`` both are unchanged.
-    """
-    if opts.rope != "axis":
-        return q, k
-    length = q.shape[-2]
-    slots = torch.arange(length, device=q.device)
-    start = local_range_start(length, n, opts.local == "window", q.device)
-    q_coord = (slots - start).to(positions.dtype)
-    k_coord = (slots % n - n).to(positions.dtype)
-    return (
-        rerotate(q, (q_coord[None] - positions)[:, None, :], inv_freq),
-        rerotate(k, (k_coord[None] - positions)[:, None, :], inv_freq),
-    )
+    """q and k of slots ``0..L-1`` (a whole forward pass) in the retrieval frame; positions ``(B, L)``."""
+    slots = torch.arange(q.shape[-2], device=q.device)
+    return query_frame(q, slots, positions, opts, inv_freq, n), key_frame(k, positions, opts, inv_freq, n)
 
 
 def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -72,18 +85,24 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
 
 @torch.no_grad()
 def select_far_blocks(
-    qs: torch.Tensor, ks: torch.Tensor, key_ok: torch.Tensor, opts: TensorizedOptions, n: int
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    key_ok: torch.Tensor,
+    opts: TensorizedOptions,
+    n: int,
+    q_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which far blocks each query reads exactly.
 
-    qs: ``(B, Hq, L, D)``, ks: ``(B, Hkv, L, D)`` in the selection frame (any positive score
-    scale); key_ok: ``(B, L)`` from :func:`retrievable_keys`. Returns ``(B, Hq, L, nb)`` bool,
-    ``nb = ceil(L / n)``: True for the (at most) ``opts.retrieve`` eligible blocks with the
-    highest bound. A block is eligible when it ends before the query's local range starts and
-    holds at least one retrievable key.
+    qs: ``(B, Hq, Q, D)`` queries and ks ``(B, Hkv, L, D)`` keys of slots ``0..L-1``, in the
+    selection frame (any positive score scale); key_ok: ``(B, L)`` from :func:`retrievable_keys`;
+    q_slots: ``(Q,)`` the queries' slots (None: ``0..L-1``, a whole forward pass). Returns
+    ``(B, Hq, Q, nb)`` bool, ``nb = ceil(L / n)``: True for the (at most) ``opts.retrieve``
+    eligible blocks with the highest bound. A block is eligible when it ends before the query's
+    local range starts and holds at least one retrievable key.
     """
-    b, hq, length, d = qs.shape
-    hkv = ks.shape[1]
+    b, hq, n_q, d = qs.shape
+    hkv, length = ks.shape[1], ks.shape[2]
     nb = math.ceil(length / n)
     pad = nb * n - length
     kb = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, nb, n, d)
@@ -94,16 +113,18 @@ def select_far_blocks(
     has_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb)
     kmax, kmin = kmax.masked_fill(~has_keys[:, None, :, None], 0), kmin.masked_fill(~has_keys[:, None, :, None], 0)
     g = hq // hkv
-    qg = qs.reshape(b, hkv, g * length, d)
+    qg = qs.reshape(b, hkv, g * n_q, d)
     bound = qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)
-    bound = bound.view(b, hq, length, nb)  # (B, Hq, L, nb): max over the block of q . k, bounded
-    start = local_range_start(length, n, opts.local == "window", qs.device)
+    bound = bound.view(b, hq, n_q, nb)  # (B, Hq, Q, nb): max over the block of q . k, bounded
+    if q_slots is None:
+        q_slots = torch.arange(n_q, device=qs.device)
+    start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * n
-    eligible = (block_end[None, :] <= start[:, None])[None, None] & has_keys[:, None, None, :]  # (B, 1, L, nb)
+    eligible = (block_end[None, :] <= start[:, None])[None, None] & has_keys[:, None, None, :]  # (B, 1, Q, nb)
     bound = bound.masked_fill(~eligible, float("-inf"))
     top = min(opts.retrieve, nb)
     values, index = bound.topk(top, dim=-1)
-    chosen = torch.zeros(b, hq, length, nb, dtype=torch.bool, device=qs.device)
+    chosen = torch.zeros(b, hq, n_q, nb, dtype=torch.bool, device=qs.device)
     return chosen.scatter(-1, index, torch.isfinite(values))
 
 
@@ -116,38 +137,40 @@ def retrieved_attention(
     n: int,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of every query over the tokens of its chosen far blocks (the torch backend).
+    """Attention of every query over the tokens of its chosen far blocks.
 
-    qs: ``(B, Hq, L, D)`` pre-scaled queries and ks ``(B, Hkv, L, D)`` keys in the selection
-    frame; v: ``(B, Hkv, L, D)``; chosen: ``(B, Hq, L, nb)`` from :func:`select_far_blocks`;
-    key_ok: ``(B, L)``; L a multiple of n. Returns the output ``(B, Hq, L, D)`` and its
-    log-sum-exp ``(B, Hq, L)`` (zeros and ``-inf`` for a query that chose nothing).
+    qs: ``(B, Hq, Q, D)`` pre-scaled queries and ks ``(B, Hkv, L, D)`` keys in the selection
+    frame; v: ``(B, Hkv, L, D)``; chosen: ``(B, Hq, Q, nb)`` from :func:`select_far_blocks`
+    (``L <= nb * n``); key_ok: ``(B, L)``. Returns the output ``(B, Hq, Q, D)`` and its
+    log-sum-exp ``(B, Hq, Q)`` (zeros and ``-inf`` for a query that chose nothing).
 
-    Runs one query block at a time over the union of the blocks its queries chose (GQA by
-    index: k and v are never repeated); each query's softmax is masked to its own choice.
+    Runs n queries at a time (a query block of a forward pass) over the union of the blocks
+    they chose (GQA by index: k and v are never repeated); each query's softmax is masked to
+    its own choice.
     """
-    b, hq, length, d = qs.shape
+    b, hq, n_q, d = qs.shape
     hkv = ks.shape[1]
-    g, nb = hq // hkv, length // n
+    g = hq // hkv
     offsets = torch.arange(n, device=qs.device)
     outs, lses = [], []
-    for block in range(nb):
-        rows = slice(block * n, (block + 1) * n)
-        pick = chosen[:, :, rows]  # (B, Hq, n, nb)
+    for first in range(0, n_q, n):
+        rows = slice(first, min(first + n, n_q))
+        pick = chosen[:, :, rows]  # (B, Hq, R, nb)
+        r = pick.shape[2]
         used = pick.flatten(0, 2).any(dim=0).nonzero().flatten()  # (U,) blocks any query here chose
         if used.numel() == 0:
-            outs.append(qs.new_zeros(b, hq, n, d))
-            lses.append(qs.new_full((b, hq, n), float("-inf")))
+            outs.append(qs.new_zeros(b, hq, r, d))
+            lses.append(qs.new_full((b, hq, r), float("-inf")))
             continue
-        slots = (used[:, None] * n + offsets).flatten()  # (U * n,)
-        q_blk = qs[:, :, rows].reshape(b, hkv, g * n, d)
-        scores = q_blk @ ks[:, :, slots].transpose(-1, -2)  # (B, Hkv, g * n, U * n)
+        slots = (used[:, None] * n + offsets).flatten()  # (U * n,); chosen blocks are whole, so < L
+        q_blk = qs[:, :, rows].reshape(b, hkv, g * r, d)
+        scores = q_blk @ ks[:, :, slots].transpose(-1, -2)  # (B, Hkv, g * R, U * n)
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
-        mask = pick[..., used].repeat_interleave(n, dim=-1) & key_ok[:, None, None, slots]  # (B, Hq, n, U * n)
-        probs, lse = masked_softmax(scores.view(b, hq, n, -1), mask)
-        out = probs.view(b, hkv, g * n, -1) @ v[:, :, slots]  # (B, Hkv, g * n, D)
-        outs.append(out.view(b, hq, n, d))
+        mask = pick[..., used].repeat_interleave(n, dim=-1) & key_ok[:, None, None, slots]  # (B, Hq, R, U * n)
+        probs, lse = masked_softmax(scores.view(b, hq, r, -1), mask)
+        out = probs.view(b, hkv, g * r, -1) @ v[:, :, slots]  # (B, Hkv, g * R, D)
+        outs.append(out.view(b, hq, r, d))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 

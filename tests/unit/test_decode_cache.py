@@ -27,6 +27,9 @@ SETTINGS = {
     "dominance-all-options": dict(block_sizes=(4, 3), causal="dominance", rope="axis", merge="lse", sinks=2),
     "mass-3axes": dict(block_sizes=(4, 3), merge="mass", sinks=2, local="window"),
     "window-only": dict(block_sizes=(4,), long_range=False, sinks=1, local="window"),
+    "retrieve": dict(block_sizes=(4,), sinks=1, local="window", merge="lse", retrieve=1),
+    "retrieve-axis-3axes": dict(block_sizes=(4, 3), rope="axis", sinks=2, local="block", retrieve=2),
+    "retrieve-window-only": dict(block_sizes=(4,), long_range=False, sinks=2, local="window", retrieve=2),
 }
 SCHEDULES = {"token-by-token": (1,), "uneven-chunks": (5, 1, 3), "prompt-then-tokens": (13, 1)}
 
@@ -84,7 +87,9 @@ def test_cached_calls_equal_one_forward_pass(settings, schedule):
     assert (exact - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("settings", [SETTINGS["complete-3axes"], SETTINGS["all-options"], SETTINGS["dominance"]])
+@pytest.mark.parametrize(
+    "settings", [SETTINGS["complete-3axes"], SETTINGS["all-options"], SETTINGS["dominance"], SETTINGS["retrieve"]]
+)
 def test_batch_with_left_padding_and_holes(settings):
     model = _model(**settings)
     ids, mask, positions = _inputs(N, batch=3, pad=(0, 5, 11))

@@ -1,0 +1,127 @@
+"""What far-block retrieval (``retrieve=k``) costs: forward time beside the window-only model and
+full attention, side by side in one process, and how many far blocks a query block's heads choose.
+
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 2,4 --out docs/bench/retrieve_cost.json
+
+MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
+(``retrieve``, ``long_range``), and ``sdpa`` runs the same weights with full attention. Time is
+the median of ``--repeats`` forward passes (no grad, batch 1) on held-out text; on a CPU only the
+ratios mean anything. "union" is, per query block of n tokens, the number of distinct far
+blocks its queries chose over all heads: the masked-union path of ``retrieve.py`` computes
+scores against that many blocks, so it sets the CPU cost (a fused kernel would read only the
+``k`` blocks per query).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def held_out_ids(tokenizer, length: int) -> torch.Tensor:
+    from quality_study import held_out_data
+
+    from ctxext.data import iter_documents
+
+    ids: list[int] = []
+    for text in iter_documents(held_out_data()):
+        ids += tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) >= length:
+            return torch.tensor(ids[:length])[None]
+    raise SystemExit(f"held-out text has fewer than {length} tokens")
+
+
+def union_sizes(model, ids: torch.Tensor) -> list[float]:
+    """Mean number of distinct far blocks chosen per query block, per layer (hooks the chooser)."""
+    from ctxext.attention import retrieve
+
+    sizes: list[float] = []
+    choose = retrieve.select_far_blocks
+
+    def counting(qs, ks, key_ok, opts, n, *rest):
+        chosen = choose(qs, ks, key_ok, opts, n, *rest)  # (B, Hq, L, nb)
+        b, hq, length, nb = chosen.shape
+        per_block = chosen.view(b, hq, length // n, n, nb).any(dim=(1, 3)).sum(-1).float()  # (B, L/n)
+        sizes.append(per_block[:, 2:].mean().item() if per_block.shape[1] > 2 else 0.0)
+        return chosen
+
+    retrieve.select_far_blocks = counting
+    import ctxext.attention.torch_backend as tb
+
+    tb.select_far_blocks = counting
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        retrieve.select_far_blocks = choose
+        tb.select_far_blocks = choose
+    return sizes
+
+
+def timed(model, ids: torch.Tensor, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--lengths", default="2048,8192")
+    ap.add_argument("--retrieve", default="2,4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ctxext  # noqa: F401  (registers the attention implementation)
+    from ctxext.attention.hf import CONFIG_KEY
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    base = dict(getattr(model.config, CONFIG_KEY))
+    variants = [("window only", {"retrieve": 0, "long_range": False})]
+    variants += [
+        (f"window + retrieve {r}", {"retrieve": int(r), "long_range": False}) for r in args.retrieve.split(",")
+    ]
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        ids = held_out_ids(tokenizer, length)
+        model.set_attn_implementation("sdpa")
+        sdpa = timed(model, ids, args.repeats)
+        model.set_attn_implementation("tensorized")
+        rows.append({"length": length, "variant": "full attention (sdpa)", "seconds": sdpa, "vs_sdpa": 1.0})
+        for label, settings in variants:
+            setattr(model.config, CONFIG_KEY, {**base, **settings})
+            seconds = timed(model, ids, args.repeats)
+            row = {"length": length, "variant": label, "seconds": seconds, "vs_sdpa": seconds / sdpa}
+            if settings["retrieve"]:
+                sizes = union_sizes(model, ids)
+                row["union_blocks_mean"] = statistics.mean(sizes)
+                row["far_blocks"] = length // base["block_sizes"][-1] - 2
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    setattr(model.config, CONFIG_KEY, base)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(args.model), "threads": args.threads, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
