@@ -338,9 +338,15 @@ def _parallel_problems(recipe: Recipe) -> list[str]:
 
     errors = []
     try:
-        block_sizes = recipe.tensorized_options().block_sizes
+        options = recipe.tensorized_options()
     except ValueError:
-        block_sizes = None  # already reported under model.tensorized
+        options = None  # already reported under model.tensorized
+    block_sizes = options.block_sizes if options is not None else None
+    if options is not None and options.retrieve:
+        errors.append(
+            f"parallel.context={size}: model.tensorized.retrieve={options.retrieve} is not supported with context "
+            "parallelism yet; set model.tensorized.retrieve=0 or parallel.context=1"
+        )
     if block_sizes is not None:
         try:
             shard_blocks(recipe.data.seq_len, size, block_sizes)

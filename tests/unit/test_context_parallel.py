@@ -350,3 +350,15 @@ def test_data_parallel_times_context_parallel_gradients_equal_one_process(tmp_pa
             torch.testing.assert_close(
                 got["grads"][name], p.grad, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
             )
+
+
+def test_context_parallel_recipe_with_retrieval_is_refused_at_load(tmp_path):
+    import yaml
+
+    from ctxext.config import RecipeError, load
+
+    raw = yaml.safe_load((RECIPES / "tiny-debug-cp2.yaml").read_text())
+    raw["model"]["tensorized"]["retrieve"] = 2
+    (tmp_path / "cp.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"parallel.context=2: model.tensorized.retrieve=2 is not supported"):
+        load(tmp_path / "cp.yaml")
