@@ -42,10 +42,10 @@ def held_out_ids(tokenizer, length: int) -> torch.Tensor:
 
 def union_sizes(model, ids: torch.Tensor) -> list[float]:
     """Mean number of distinct far blocks chosen per query block, per layer (hooks the chooser)."""
-    from ctxext.attention import retrieve
+    import ctxext.attention.torch_backend as tb
 
     sizes: list[float] = []
-    choose = retrieve.select_far_blocks
+    choose = tb.select_far_blocks
 
     def counting(qs, ks, key_ok, opts, n, *rest):
         chosen = choose(qs, ks, key_ok, opts, n, *rest)  # (B, Hq, L, nb)
@@ -54,15 +54,11 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
         sizes.append(per_block[:, 2:].mean().item() if per_block.shape[1] > 2 else 0.0)
         return chosen
 
-    retrieve.select_far_blocks = counting
-    import ctxext.attention.torch_backend as tb
-
-    tb.select_far_blocks = counting
+    tb.select_far_blocks = counting  # the name the torch backend calls
     try:
         with torch.no_grad():
             model(ids, use_cache=False)
     finally:
-        retrieve.select_far_blocks = choose
         tb.select_far_blocks = choose
     return sizes
 

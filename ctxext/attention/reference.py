@@ -63,10 +63,11 @@ from .softmax import masked_softmax
 def _combine(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax-weighted sum.
 
-    scores: ``(B, H, K)``; values: ``(B, H, K, D)``; mask: ``(B, K)`` (True = key present).
+    scores: ``(B, H, K)``; values: ``(B, H, K, D)``; mask: ``(B, K)``, or ``(B, H, K)`` when it
+    differs per head (True = key present).
     Returns ``(B, H, D)`` and the log-sum-exp ``(B, H)`` (``-inf`` and zeros when no key).
     """
-    probs, lse = masked_softmax(scores, mask[:, None, :])
+    probs, lse = masked_softmax(scores, mask[:, None, :] if mask.dim() == 2 else mask)
     return torch.einsum("bhk,bhkd->bhd", probs, values), lse
 
 
@@ -161,8 +162,7 @@ def reference_tensorized_attention(
             picked = chosen[:, :, p, [t // n for t in far_slots]] & far_ok[:, None, far_slots]  # (B, H, F)
             mask = torch.cat([mask, picked], dim=-1)
         mask = mask & valid[:, None, p : p + 1]  # padding queries attend to nothing
-        probs, lse = masked_softmax(s, mask)
-        return torch.einsum("bhk,bhkd->bhd", probs, vals), lse
+        return _combine(s, vals, mask)
 
     # ---- local hop (axis m) ----
     causal_out, causal_lse, full_out, full_lse = [], [], [], []
