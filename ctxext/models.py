@@ -296,6 +296,26 @@ def apply_rope_scaling(model, rope_scaling: str, rope_factor: float) -> list[tup
     return changes
 
 
+def restore_rope(model, settings: dict) -> bool:
+    """Give a freshly loaded base model the RoPE a fine-tune trained with (``ctxext.json`` of an
+    adapter: ``rope_parameters`` and ``max_position_embeddings``). Setting the config alone is not
+    enough: rotary modules compute their frequencies when built, so they are rebuilt here.
+    Returns whether anything changed."""
+    config = model.config
+    params = settings.get("rope_parameters")
+    max_pos = settings.get("max_position_embeddings")
+    changed = False
+    if params and dict(params) != dict(getattr(config, "rope_parameters", None) or {}):
+        config.rope_parameters = dict(params)
+        changed = True
+    if max_pos and max_pos != config.max_position_embeddings:
+        config.max_position_embeddings = int(max_pos)
+        changed = True
+    if changed:
+        _reset_rotary(model)
+    return changed
+
+
 def _reset_rotary(model) -> None:
     """Rebuild rotary embedding modules after the rope parameters changed."""
     for name, module in list(model.named_modules()):

@@ -153,13 +153,12 @@ def _load_adapter(path: Path):
 
     from ..attention import summary
     from ..attention.options import TensorizedOptions
-    from ..models import apply_tensorized, load_causal_lm, resolve_source
+    from ..models import apply_tensorized, load_causal_lm, resolve_source, restore_rope
     from ..train import SETTINGS_FILE, TRAINABLE_FILE
 
     settings = json.loads((path / SETTINGS_FILE).read_text())
     model, _ = load_causal_lm(resolve_source(settings["base_model"]))
-    if settings.get("rope_parameters"):
-        model.config.rope_parameters = settings["rope_parameters"]
+    restore_rope(model, settings)  # a rope-scaled fine-tune evaluates with the scaling it trained with
     if settings.get("attn_implementation") == "tensorized":
         apply_tensorized(model, TensorizedOptions.from_dict(settings["tensorized_attention"]))
     model = PeftModel.from_pretrained(model, path)

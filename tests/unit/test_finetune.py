@@ -106,6 +106,33 @@ def test_merge_writes_a_model_that_reloads_tensorized(tmp_path):
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scaling", ["linear", "yarn"])
+def test_rope_scaled_adapter_evaluates_with_its_scaling(tmp_path, scaling):
+    """A full-attention baseline fine-tuned with rope scaling: loading its adapter for evaluation
+    must rebuild the rotary modules (setting the config alone leaves the unscaled frequencies)."""
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.evaluate.runner import ModelEntry, load_entry
+
+    overrides = ("model.attention=sdpa", "model.tensorized={}", f"model.rope_scaling={scaling}", "model.rope_factor=4")
+    result = finetune(
+        _recipe(tmp_path, *overrides, "train.steps=1", "train.save_every=0"), merge=True, log=lambda m: None
+    )
+    assert json.loads((result.adapter_dir / "ctxext.json").read_text())["rope_parameters"]["rope_type"] == scaling
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    loaded, _ = load_entry(ModelEntry(label="a", source=str(result.adapter_dir)), torch.device("cpu"))
+    assert loaded.config.max_position_embeddings == merged.config.max_position_embeddings == 4 * 4096
+    ids = torch.randint(0, 256, (1, 200))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+        # the control: the same weights without the scaling predict differently
+        unscaled = AutoModelForCausalLM.from_pretrained(
+            result.merged_dir,
+            rope_parameters={"rope_type": "default", "rope_theta": merged.config.rope_parameters["rope_theta"]},
+        ).eval()
+        assert (unscaled(ids).logits - merged(ids).logits).abs().max() > 1e-3
+
+
 def test_output_dir_holding_another_run_is_refused(tmp_path):
     finetune(_recipe(tmp_path, "train.steps=1", "train.save_every=0"), log=lambda m: None)
     with pytest.raises(FinetuneError, match="holds another run.*train.resume=true"):
