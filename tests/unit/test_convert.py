@@ -79,6 +79,21 @@ def test_convert_with_rope_scaling(source_dir, tmp_path):
     assert config["max_position_embeddings"] == 4096
 
 
+def test_dynamic_scaling_changes_nothing_below_the_native_length():
+    """Why the study's `full-dynamic` baseline trains exactly as `full` at T < native context:
+    dynamic NTK scaling only changes the frequencies past max_position_embeddings."""
+    from ctxext.models import apply_rope_scaling
+
+    plain = tiny_model("llama", max_position_embeddings=64)
+    scaled = tiny_model("llama", max_position_embeddings=64)
+    apply_rope_scaling(scaled, "dynamic", 4.0)
+    assert scaled.config.rope_parameters["rope_type"] == "dynamic"
+    short, long = torch.randint(1, 120, (1, 64)), torch.randint(1, 120, (1, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(short).logits, plain(short).logits)
+        assert (scaled(long).logits - plain(long).logits).abs().max() > 1e-4  # past 64 it scales
+
+
 def test_axis_rope_refuses_dynamic_scaling(source_dir, tmp_path):
     result, text = _convert(
         source_dir, tmp_path / "o", "--rope", "axis", "--rope-scaling", "dynamic", "--rope-factor", "2"
