@@ -243,7 +243,8 @@ def _settings(recipe: dict | None) -> str:
         return "SmolLM2-135M as shipped (full attention, SDPA), not fine-tuned"
     m = recipe["raw"]["model"]
     if m.get("attention", "tensorized") != "tensorized":
-        return f"full attention ({m['attention']}), fine-tuned"
+        scaling = f", {m['rope_scaling']} rope scaling x{m['rope_factor']:g}" if m.get("rope_scaling") else ""
+        return f"full attention ({m['attention']}){scaling}, fine-tuned"
     t = m.get("tensorized", {})
     text = ", ".join(f"{k}={v}" for k, v in t.items())
     distill = recipe["raw"].get("distill") or {}
