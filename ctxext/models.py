@@ -296,24 +296,18 @@ def apply_rope_scaling(model, rope_scaling: str, rope_factor: float) -> list[tup
     return changes
 
 
-def restore_rope(model, settings: dict) -> bool:
+def restore_rope(model, settings: dict) -> None:
     """Give a freshly loaded base model the RoPE a fine-tune trained with (``ctxext.json`` of an
     adapter: ``rope_parameters`` and ``max_position_embeddings``). Setting the config alone is not
-    enough: rotary modules compute their frequencies when built, so they are rebuilt here.
-    Returns whether anything changed."""
-    config = model.config
-    params = settings.get("rope_parameters")
-    max_pos = settings.get("max_position_embeddings")
-    changed = False
-    if params and dict(params) != dict(getattr(config, "rope_parameters", None) or {}):
-        config.rope_parameters = dict(params)
-        changed = True
-    if max_pos and max_pos != config.max_position_embeddings:
-        config.max_position_embeddings = int(max_pos)
-        changed = True
-    if changed:
-        _reset_rotary(model)
-    return changed
+    enough: rotary modules compute their frequencies when built, so they are rebuilt here."""
+    params, max_pos = settings.get("rope_parameters"), settings.get("max_position_embeddings")
+    if not (params or max_pos):
+        return
+    if params:
+        model.config.rope_parameters = dict(params)
+    if max_pos:
+        model.config.max_position_embeddings = int(max_pos)
+    _reset_rotary(model)
 
 
 def _reset_rotary(model) -> None:
