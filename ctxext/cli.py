@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -66,6 +67,9 @@ def convert(
     retrieve: Annotated[
         int, typer.Option(help="Far blocks each query also reads exactly (top by a q.k bound; 0: none).")
     ] = 4,
+    retrieve_frame: Annotated[
+        str, typer.Option(help="stacked | ordered: where retrieved blocks sit with --rope axis")
+    ] = "stacked",
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -99,13 +103,14 @@ def convert(
             long_range=long_range,
             summary=summary,
             retrieve=retrieve,
+            retrieve_frame=retrieve_frame,
             backend=backend,
         )
         errors = options.problems(where="option")
         if errors:
-            raise TensorizedConfigError(
-                "invalid settings:\n  - " + "\n  - ".join(e.replace("option.", "--") for e in errors)
-            )
+            flag = re.compile(r"option\.(\w+)")
+            errors = [flag.sub(lambda m: "--" + m.group(1).replace("_", "-"), e) for e in errors]
+            raise TensorizedConfigError("invalid settings:\n  - " + "\n  - ".join(errors))
         if rope_scaling and rope_factor <= 1.0:
             raise ValueError(f"--rope-scaling {rope_scaling} needs --rope-factor > 1 (e.g. --rope-factor 4)")
         start = time.time()

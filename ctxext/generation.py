@@ -137,12 +137,8 @@ def generate_text(
 
 
 @torch.no_grad()
-def generated_answer_correct(model, tokenizer, prompt_ids: list[int], answer: str) -> bool:
-    """Greedy generation from ``prompt_ids``: correct when the continuation starts with ``answer``.
-
-    Generates as many tokens as the answer has, plus two; the decoded continuation is
-    compared after stripping leading spaces.
-    """
+def generated_answer(model, tokenizer, prompt_ids: list[int], answer: str) -> str:
+    """Greedy continuation of ``prompt_ids``, as many tokens as ``answer`` has plus two, decoded."""
     device = next(model.parameters()).device
     x = torch.tensor([prompt_ids], device=device)
     budget = len(tokenizer(answer, add_special_tokens=False).input_ids) + 2
@@ -153,5 +149,14 @@ def generated_answer_correct(model, tokenizer, prompt_ids: list[int], answer: st
         do_sample=False,
         pad_token_id=_pad_id(tokenizer),
     )
-    text = tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+
+
+def answer_matches(text: str, answer: str) -> bool:
+    """A generated continuation is correct when, leading spaces stripped, it starts with ``answer``."""
     return text.lstrip().startswith(answer.strip())
+
+
+def generated_answer_correct(model, tokenizer, prompt_ids: list[int], answer: str) -> bool:
+    """Greedy generation from ``prompt_ids``: correct when the continuation starts with ``answer``."""
+    return answer_matches(generated_answer(model, tokenizer, prompt_ids, answer), answer)

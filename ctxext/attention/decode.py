@@ -36,7 +36,15 @@ from dataclasses import dataclass
 import torch
 
 from .options import TensorizedOptions
-from .retrieve import key_frame, merge_streams, query_frame, retrievable_keys, retrieved_attention, select_far_blocks
+from .retrieve import (
+    key_frame,
+    merge_streams,
+    ordered_frame_freq,
+    query_frame,
+    retrievable_keys,
+    retrieved_attention,
+    select_far_blocks,
+)
 from .rope import rerotate
 from .slot_buffer import SlotBuffer
 from .softmax import masked_softmax
@@ -208,7 +216,10 @@ class _Step:
         qs = query_frame(q[None], slots, self.positions(slots)[None], self.opts, self.inv_freq, n)
         key_ok = retrievable_keys(torch.ones(1, len(every), dtype=torch.bool, device=slots.device), self.opts.sinks)
         chosen = select_far_blocks(qs, ks, key_ok, self.opts, n, q_slots=slots)
-        far, lse_far = retrieved_attention(qs * self.geo.scaling, ks, v[None], chosen, key_ok, n, self.geo.softcap)
+        order = ordered_frame_freq(self.opts, self.inv_freq)
+        far, lse_far = retrieved_attention(
+            qs * self.geo.scaling, ks, v[None], chosen, key_ok, n, self.geo.softcap, order
+        )
         return merge_streams(C, lse_C, far[0], lse_far[0])
 
     def _local_causal_one(self, q: torch.Tensor, p: int, n: int, window: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,6 +121,7 @@ def tensorized_attention(
     long_range: bool = True,
     summary: str = "token",
     retrieve: int = 0,
+    retrieve_frame: str = "stacked",
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -147,6 +148,8 @@ def tensorized_attention(
             summarised and keyed (``complete`` only; see :class:`TensorizedOptions`).
         retrieve: far inner blocks each query also reads exactly (top by a bound on ``q . k``;
             0: none; see ``ctxext/attention/retrieve.py``).
+        retrieve_frame: ``"stacked"`` or ``"ordered"``: where retrieved blocks sit with
+            ``rope="axis"`` (see :class:`TensorizedOptions`).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -175,6 +178,7 @@ def tensorized_attention(
         long_range=long_range,
         summary=summary,
         retrieve=retrieve,
+        retrieve_frame=retrieve_frame,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

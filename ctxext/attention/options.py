@@ -15,6 +15,7 @@ ROPE_MODES = ("absolute", "axis")
 LOCAL_MODES = ("block", "window")
 MERGE_MODES = ("score", "lse", "mass")
 SUMMARY_MODES = ("token", "pooled", "learned")
+RETRIEVE_FRAMES = ("stacked", "ordered")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 
@@ -46,6 +47,9 @@ class TensorizedOptions:
     retrieve: far inner blocks each query also reads exactly, in its local softmax: the
         ``retrieve`` blocks with the highest bound on ``q . k`` (0: none; see
         ``ctxext/attention/retrieve.py``).
+    retrieve_frame: where the retrieved blocks sit with ``rope="axis"`` (no effect with
+        ``absolute``): ``stacked``, all on the coordinates just before the local range, or
+        ``ordered``, one after another in their sequence order (see ``retrieve.py``).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -58,6 +62,7 @@ class TensorizedOptions:
     long_range: bool = True
     summary: str = "token"
     retrieve: int = 0
+    retrieve_frame: str = "stacked"
     backend: str = "auto"
 
     @property
@@ -110,6 +115,7 @@ class TensorizedOptions:
             ("local", LOCAL_MODES),
             ("merge", MERGE_MODES),
             ("summary", SUMMARY_MODES),
+            ("retrieve_frame", RETRIEVE_FRAMES),
             ("backend", BACKENDS),
         ):
             value = getattr(self, key)

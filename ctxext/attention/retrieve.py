@@ -14,9 +14,16 @@ blocks ``O(N * k * n * D)``.
 
 Positions: with ``rope="absolute"`` the retrieved keys keep the model's rotation (offsets as
 far as the block lies). With ``rope="axis"`` the query is moved to coordinate ``p - start``
-(as for the sinks) and a retrieved slot at offset ``o`` in its block to coordinate ``o - n``:
-every retrieved block sits just before the local range, so no offset exceeds ``3 n``, at any
-length.
+(as for the sinks) and a retrieved slot at offset ``o`` in its block to a coordinate just
+before the local range, by ``retrieve_frame``:
+
+* ``stacked``: ``o - n`` for every chosen block: they all sit on the same coordinates, so no
+  offset exceeds ``3 n`` at any length, but the query cannot tell them apart or order them.
+* ``ordered``: the chosen blocks keep their sequence order, one after another: a block with
+  ``r`` later chosen blocks (its rank, 0 for the nearest) sits at ``o - (r + 1) n``, so no
+  offset exceeds ``(retrieve + 2) n``. The choice itself is scored in the stacked frame (the
+  ranks are known only once it is made); the attention rotates the query by ``r n`` per rank
+  (rotations compose), one score pass per rank over the blocks a query block chose.
 
 The choice uses only the query itself and blocks entirely in its past, so it is causal.
 Sink slots (``t < sinks``) are never retrieved (the sinks already enter every softmax exactly).
@@ -128,6 +135,25 @@ def select_far_blocks(
     return chosen.scatter(-1, index, torch.isfinite(values))
 
 
+def chosen_rank(chosen: torch.Tensor) -> torch.Tensor:
+    """``(..., nb)`` long: for each block, how many chosen blocks lie after it (0 for the last chosen).
+
+    chosen: ``(..., nb)`` bool from :func:`select_far_blocks`. Only the entries of chosen blocks
+    are meaningful (``retrieve_frame="ordered"`` moves a block of rank r back by ``r n``).
+    """
+    count = chosen.long()
+    return count.flip(-1).cumsum(-1).flip(-1) - count
+
+
+def ordered_frame_freq(opts: TensorizedOptions, inv_freq: torch.Tensor | None) -> torch.Tensor | None:
+    """The inverse frequencies :func:`retrieved_attention` needs for the ordered frame, else None."""
+    if opts.rope != "axis" or opts.retrieve_frame != "ordered":
+        return None
+    if inv_freq is None:
+        raise ValueError("retrieve_frame='ordered' needs the model's RoPE inverse frequencies (inv_freq)")
+    return inv_freq
+
+
 def retrieved_attention(
     qs: torch.Tensor,
     ks: torch.Tensor,
@@ -136,17 +162,21 @@ def retrieved_attention(
     key_ok: torch.Tensor,
     n: int,
     softcap: float | None,
+    ordered_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over the tokens of its chosen far blocks.
 
     qs: ``(B, Hq, Q, D)`` pre-scaled queries and ks ``(B, Hkv, L, D)`` keys in the selection
     frame; v: ``(B, Hkv, L, D)``; chosen: ``(B, Hq, Q, nb)`` from :func:`select_far_blocks`
-    (``L <= nb * n``); key_ok: ``(B, L)``. Returns the output ``(B, Hq, Q, D)`` and its
-    log-sum-exp ``(B, Hq, Q)`` (zeros and ``-inf`` for a query that chose nothing).
+    (``L <= nb * n``); key_ok: ``(B, L)``; ordered_inv_freq: ``(r/2,)`` RoPE inverse
+    frequencies for ``retrieve_frame="ordered"`` (from :func:`ordered_frame_freq`; None: the
+    stacked frame). Returns the output ``(B, Hq, Q, D)`` and its log-sum-exp ``(B, Hq, Q)``
+    (zeros and ``-inf`` for a query that chose nothing).
 
     Runs n queries at a time (a query block of a forward pass) over the union of the blocks
     they chose (GQA by index: k and v are never repeated); each query's softmax is masked to
-    its own choice.
+    its own choice. In the ordered frame a chosen block of rank r is scored by the query
+    rotated by ``r n`` (the same offsets as the key moved back by ``r n``).
     """
     b, hq, n_q, d = qs.shape
     hkv = ks.shape[1]
@@ -163,8 +193,11 @@ def retrieved_attention(
             lses.append(qs.new_full((b, hq, r), float("-inf")))
             continue
         slots = (used[:, None] * n + offsets).flatten()  # (U * n,); chosen blocks are whole, so < L
-        q_blk = qs[:, :, rows].reshape(b, hkv, g * r, d)
-        scores = q_blk @ ks[:, :, slots].transpose(-1, -2)  # (B, Hkv, g * R, U * n)
+        k_t = ks[:, :, slots].transpose(-1, -2)  # (B, Hkv, D, U * n)
+        if ordered_inv_freq is None:
+            scores = qs[:, :, rows].reshape(b, hkv, g * r, d) @ k_t  # (B, Hkv, g * R, U * n)
+        else:
+            scores = _ordered_scores(qs[:, :, rows], k_t, chosen_rank(pick)[..., used], n, ordered_inv_freq)
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
         mask = pick[..., used].repeat_interleave(n, dim=-1) & key_ok[:, None, None, slots]  # (B, Hq, R, U * n)
@@ -173,6 +206,27 @@ def retrieved_attention(
         outs.append(out.view(b, hq, r, d))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _ordered_scores(
+    q_rows: torch.Tensor, k_t: torch.Tensor, rank: torch.Tensor, n: int, inv_freq: torch.Tensor
+) -> torch.Tensor:
+    """Scores in the ordered frame: ``(B, Hkv, g * R, U * n)``.
+
+    q_rows: ``(B, Hq, R, D)`` pre-scaled queries in the stacked frame; k_t: ``(B, Hkv, D, U * n)``
+    the union's keys (stacked frame, transposed); rank: ``(B, Hq, R, U)`` from :func:`chosen_rank`
+    for the union's blocks. One score pass per rank that occurs; entries of unchosen blocks
+    keep a rank-0 score (they are masked anyway).
+    """
+    b, hq, r, d = q_rows.shape
+    hkv = k_t.shape[1]
+    rank = rank.repeat_interleave(n, dim=-1).view(b, hkv, -1, rank.shape[-1] * n)  # (B, Hkv, g * R, U * n)
+    scores = None
+    for shift in range(int(rank.max()) + 1):
+        q_r = rerotate(q_rows, torch.tensor(float(shift * n)), inv_freq) if shift else q_rows
+        s_r = q_r.reshape(b, hkv, -1, d) @ k_t
+        scores = s_r if scores is None else torch.where(rank == shift, s_r, scores)
+    return scores
 
 
 def merge_streams(

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 
 from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
-from .retrieve import merge_streams, retrievable_keys, retrieved_attention, select_far_blocks, selection_frame
+from .retrieve import (
+    merge_streams,
+    ordered_frame_freq,
+    retrievable_keys,
+    retrieved_attention,
+    select_far_blocks,
+    selection_frame,
+)
 from .rope import rerotate
 from .softmax import softmax_rows
 
@@ -327,7 +334,8 @@ def torch_tensorized_attention(
         qs, ks = selection_frame(q, k, positions, opts, inv_freq, axes[-1])
         key_ok = retrievable_keys(valid_slots, opts.sinks)
         chosen = select_far_blocks(qs, ks, key_ok, opts, axes[-1])
-        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, axes[-1], softcap)
+        order = ordered_frame_freq(opts, inv_freq)
+        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, axes[-1], softcap, order)
     q = q * scaling  # fold the score scale into q once: O(N D), not O(N n)
     need_lse = (opts.merge != "score" and opts.long_range) or retrieval is not None
 

@@ -68,8 +68,29 @@ def markdown(report: dict[str, Any]) -> str:
             for d in depths:
                 cells = [rows[n][d] for n in lengths]
                 lines.append(f"| {d} | " + " | ".join("OOM" if c == "oom" else f"{100 * c:.0f}%" for c in cells) + " |")
+        lines += _misses_table(task, report.get("misses", {}).get(task, {}), r["scoring"])
     lines += ["", f"Device: {proto['device']} ({proto['dtype']}), torch {proto['torch']}.", ""]
     return "\n".join(lines)
+
+
+MISSES_SHOWN = 12
+
+
+def _misses_table(task: str, misses: dict[str, list[dict[str, Any]]], scoring: str) -> list[str]:
+    """What each model answered where it was wrong (the first ``MISSES_SHOWN`` per model)."""
+    lines = []
+    how = "greedy continuation" if scoring.startswith("greedy") else "argmax at each answer position, teacher-forced"
+    for label, rows in misses.items():
+        if not rows:
+            continue
+        lines += ["", f"{task}, {label}: wrong answers ({how}; {len(rows)} in all)", ""]
+        lines += ["| length | depth | trial | answer | predicted |", "|---|---|---|---|---|"]
+        for m in rows[:MISSES_SHOWN]:
+            said = m["predicted"].replace("|", "\\|").replace("\n", "\\n")
+            lines.append(f"| {m['length']} | {m['depth']:g} | {m['trial']} | `{m['answer']}` | `{said}` |")
+        if len(rows) > MISSES_SHOWN:
+            lines.append(f"| ... | | | | {len(rows) - MISSES_SHOWN} more in report.json |")
+    return lines
 
 
 def plot_perplexity(report: dict[str, Any], path: Path) -> None:

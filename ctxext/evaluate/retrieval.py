@@ -13,10 +13,15 @@ from ..loss import final_hidden, lm_logits
 
 
 @torch.no_grad()
-def teacher_forced_correct(model, input_ids: list[int], answer_start: int) -> bool:
+def teacher_forced_prediction(model, input_ids: list[int], answer_start: int) -> list[int]:
+    """The argmax token at every answer position, each predicted from the true tokens before it."""
     device = next(model.parameters()).device
     x = torch.tensor([input_ids], device=device)
     hidden = final_hidden(model, x)  # (1, N, H)
     # Position t predicts token t+1: the answer tokens are predicted from answer_start-1 .. N-2.
-    predicted = lm_logits(model, hidden[:, answer_start - 1 : -1]).argmax(dim=-1)[0]
-    return bool((predicted == x[0, answer_start:]).all().item())
+    return lm_logits(model, hidden[:, answer_start - 1 : -1]).argmax(dim=-1)[0].tolist()
+
+
+def teacher_forced_correct(model, input_ids: list[int], answer_start: int) -> bool:
+    """True when :func:`teacher_forced_prediction` equals the answer tokens."""
+    return teacher_forced_prediction(model, input_ids, answer_start) == list(input_ids[answer_start:])

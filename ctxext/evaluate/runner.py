@@ -216,10 +216,10 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..atomic import atomic_directory
-    from ..generation import generated_answer_correct
+    from ..generation import answer_matches, generated_answer
     from .perplexity import document_nll, load_docs, perplexity
     from .report import write_report
-    from .retrieval import teacher_forced_correct
+    from .retrieval import teacher_forced_prediction
     from .tasks import make_sample
 
     errors = validate(spec)
@@ -253,6 +253,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         "models": [asdict(e) for e in entries],
         "perplexity": {},
         "tasks": {t: {} for t in retrieval},
+        "misses": {t: {} for t in retrieval},  # what the model answered where it was wrong
         "seconds": {},
     }
     for i, entry in enumerate(entries):
@@ -287,6 +288,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
                 rows[str(length)] = cell
         for task in retrieval:
             grid = report["tasks"][task][entry.label] = {}
+            misses = report["misses"][task][entry.label] = []
             for length in spec.lengths:
                 row = grid[str(length)] = {}
                 for depth in spec.depths:
@@ -296,9 +298,16 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
                         try:
                             if spec.scoring == "generate":
                                 prompt = sample.input_ids[: sample.answer_start]
-                                correct += generated_answer_correct(model, tokenizer, prompt, sample.answer)
+                                said = generated_answer(model, tokenizer, prompt, sample.answer)
+                                ok = answer_matches(said, sample.answer)
                             else:
-                                correct += teacher_forced_correct(model, sample.input_ids, sample.answer_start)
+                                want = sample.input_ids[sample.answer_start :]
+                                got = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
+                                ok, said = got == want, tokenizer.decode(got)
+                            correct += ok
+                            if not ok:
+                                miss = {"length": length, "depth": depth, "trial": trial, "answer": sample.answer}
+                                misses.append({**miss, "predicted": said})
                         except (RuntimeError, torch.OutOfMemoryError) as err:
                             if not _is_oom(err):
                                 raise

@@ -30,6 +30,9 @@ SETTINGS = {
     "retrieve": dict(block_sizes=(4,), sinks=1, local="window", merge="lse", retrieve=1),
     "retrieve-axis-3axes": dict(block_sizes=(4, 3), rope="axis", sinks=2, local="block", retrieve=2),
     "retrieve-window-only": dict(block_sizes=(4,), long_range=False, sinks=2, local="window", retrieve=2),
+    "retrieve-ordered": dict(
+        block_sizes=(4,), rope="axis", sinks=1, local="window", retrieve=3, retrieve_frame="ordered"
+    ),
 }
 SCHEDULES = {"token-by-token": (1,), "uneven-chunks": (5, 1, 3), "prompt-then-tokens": (13, 1)}
 

@@ -137,7 +137,7 @@ def test_out_of_memory_is_recorded_not_a_crash(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
     monkeypatch.setattr(perplexity_mod, "document_nll", oom)
-    monkeypatch.setattr(retrieval_mod, "teacher_forced_correct", oom)
+    monkeypatch.setattr(retrieval_mod, "teacher_forced_prediction", oom)
     model_dir = _tiny_dir(tmp_path)
     spec = EvalSpec(model=str(model_dir), out=tmp_path / "eval", lengths=[512], tasks=["ppl", "passkey"], trials=1)
     report = run(spec, progress=False)
@@ -255,3 +255,22 @@ def test_set_overrides_settings_of_the_model_under_test_only(tmp_path):
         assert result.exit_code != 0 and match in " ".join(result.output.split()), (extra, result.output)
     result = runner.invoke(app, ["eval", "smollm2", "--out", str(tmp_path / "x"), "--set", "rope=axis", "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("scoring", ["teacher", "generate"])
+def test_wrong_answers_are_recorded_with_what_the_model_said(tmp_path, scoring):
+    """A random tiny model misses the passkey; the report says what it answered instead."""
+    spec = EvalSpec(
+        model=str(_tiny_dir(tmp_path)), out=tmp_path / "eval", lengths=[512], tasks=["passkey"], depths=[0.2, 0.8],
+        trials=2, scoring=scoring,
+    )  # fmt: skip
+    report = run(spec, progress=False)
+    cells = report["tasks"]["passkey"]["tiny-ta"]["512"]
+    misses = report["misses"]["passkey"]["tiny-ta"]
+    assert len(misses) == round(sum(2 * (1 - acc) for acc in cells.values())) > 0
+    assert {m["depth"] for m in misses} <= {0.2, 0.8} and all(m["trial"] in (0, 1) for m in misses)
+    assert all(m["answer"].isdigit() and m["predicted"] != m["answer"] for m in misses)
+    saved = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert saved["misses"] == report["misses"]
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "passkey, tiny-ta: wrong answers" in md and f"`{misses[0]['answer']}`" in md

@@ -169,3 +169,103 @@ def test_convert_option_reaches_the_model_and_generation_with_the_cache_matches_
     assert torch.equal(cached, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
     bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve", "-1"])
     assert bad.exit_code != 0 and "--retrieve" in bad.output and not (tmp_path / "bad").exists()
+
+
+ORDERED_OPTIONS = [
+    {"causal": c, "rope": "axis", "retrieve_frame": "ordered", "sinks": s, "local": lo, "merge": m, "long_range": lr,
+     "retrieve": r}
+    for c, s, lo, m, lr, r in itertools.product(oc.CAUSAL, oc.SINKS, oc.LOCAL, ("score", "lse"), oc.LONG_RANGE, (2, 3))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("opts", ORDERED_OPTIONS[::3], ids=_id)
+def test_ordered_frame_torch_matches_reference(opts):
+    """The backend rotates the query per rank, the reference the keys: the same offsets."""
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
+    got = oc.run_slots("torch", q, k, v, (4,), opts)
+    oc.assert_close(got, oc.run_slots("reference", q, k, v, (4,), opts), 1e-12, "torch vs reference")
+    stacked = oc.run_slots("torch", q, k, v, (4,), {**opts, "retrieve_frame": "stacked"})
+    assert (got - stacked).abs().max() > 1e-6, "with two or more chosen blocks the ordered frame must differ"
+
+
+@pytest.mark.parametrize("opts", ORDERED_OPTIONS[1::5], ids=_id)
+def test_ordered_frame_three_axes_holes_and_positions(opts):
+    n = 53
+    q, k, v = oc.make_qkv(batch=3, hq=6, hkv=2, n=n, seed=7)
+    valid = torch.ones(3, n, dtype=torch.bool)
+    valid[0, 12:16] = False
+    valid[1, :10] = False
+    positions = torch.arange(n, dtype=oc.F64)[None].expand(3, n) + torch.tensor([[0.0], [5.0], [17.0]], dtype=oc.F64)
+    got = oc.run_slots("torch", q, k, v, (3, 4), opts, valid=valid, positions=positions)
+    want = oc.run_slots("reference", q, k, v, (3, 4), opts, valid=valid, positions=positions)
+    oc.assert_close(got, want, 1e-12, "torch vs reference")
+
+
+def test_ordered_frame_with_one_block_is_the_stacked_frame():
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=41, seed=8)
+    opts = {"rope": "axis", "sinks": 2, "local": "window", "merge": "lse", "retrieve": 1}
+    ordered = oc.run_slots("torch", q, k, v, (4,), {**opts, "retrieve_frame": "ordered"})
+    oc.assert_close(ordered, oc.run_slots("torch", q, k, v, (4,), opts), 1e-12, "one block has rank 0")
+
+
+@pytest.mark.parametrize("opts", ORDERED_OPTIONS[::4], ids=_id)
+def test_ordered_frame_causal(opts):
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=37, seed=9)
+    check_causal(lambda q, k, v: oc.run_slots("torch", q, k, v, (4,), opts), q, k, v, [0, 8, 11, 17, 30])
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_ordered_frame_is_exact_attention_over_the_chosen_blocks_laid_end_to_end(backend):
+    """Without sinks and long-range hops, a query in the ordered frame computes exact causal
+    attention over the sequence [its chosen blocks in order, its local range], RoPE'd at
+    consecutive positions: what the model saw in pre-training, whatever the true distance."""
+    from ctxext.attention.retrieve import chosen_rank, selection_frame
+    from ctxext.attention.rope import rerotate
+
+    n_tok, block, retrieve = 48, 4, 3
+    q0, k0, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=n_tok, seed=11)  # unrotated q, k
+    inv = oc.rope_inv_freq(q0.shape[-1])
+    pos = torch.arange(n_tok, dtype=oc.F64)
+    q, k = rerotate(q0, pos, inv), rerotate(k0, pos, inv)  # RoPE'd at their positions
+    opts = {"rope": "axis", "local": "window", "long_range": False, "retrieve": retrieve, "retrieve_frame": "ordered"}
+    got = oc.run_slots(backend, q, k, v, (block,), opts)[0]  # (H, N, D)
+    o = oc.options((block,), **opts)
+    qs, ks = selection_frame(q, k, pos[None], o, inv, block)
+    chosen = select_far_blocks(qs, ks, torch.ones(1, n_tok, dtype=torch.bool), o, block)[0]  # (H, N, nb)
+    assert (chosen_rank(chosen)[chosen] < retrieve).all()
+    checked = 0
+    for h in range(2):
+        for p in range(3 * block, n_tok, 5):
+            start = p // block * block - block
+            far = [t for b in chosen[h, p].nonzero().flatten().tolist() for t in range(b * block, (b + 1) * block)]
+            keys = far + list(range(start, p + 1))
+            at = torch.arange(len(keys), dtype=oc.F64)
+            kk = rerotate(k0[0, 0, keys], at, inv)
+            qq = rerotate(q0[0, h, p], at[-1:], inv)[0]
+            want = torch.softmax(kk @ qq * q0.shape[-1] ** -0.5, dim=0) @ v[0, 0, keys]
+            oc.assert_close(got[h, p], want, 1e-12, f"query {p}, head {h}")
+            checked += len(far) == retrieve * block
+    assert checked > 5, "the test must cover queries with every retrieved block chosen"
+
+
+def test_bad_retrieve_frame_is_named():
+    with pytest.raises(TensorizedConfigError, match=r"tensorized_attention\.retrieve_frame: unknown mode 'sorted'"):
+        TensorizedOptions.from_dict({"retrieve_frame": "sorted"})
+
+
+def test_ordered_frame_gradients_match_finite_differences():
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=23, dim=4, seed=6, requires_grad=True)
+    opts = {"rope": "axis", "sinks": 1, "local": "window", "merge": "lse", "retrieve": 2, "retrieve_frame": "ordered"}
+    assert torch.autograd.gradcheck(lambda q, k, v: oc.run_slots("torch", q, k, v, (4,), opts), (q, k, v))
+
+
+def test_convert_names_a_bad_retrieve_frame_as_its_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from ctxext.cli import app
+    from tests.unit.test_convert import _save_source
+
+    src = _save_source(tmp_path / "src")
+    bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve-frame", "sorted"])
+    assert bad.exit_code != 0 and "--retrieve-frame: unknown mode 'sorted'" in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()
