@@ -2,6 +2,7 @@
 full attention, side by side in one process, and how many far blocks a query block's heads choose.
 
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 2,4 --out docs/bench/retrieve_cost.json
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 4 --axis-frames stacked,ordered
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
 (``retrieve``, ``long_range``), and ``sdpa`` runs the same weights with full attention. Time is
@@ -78,6 +79,9 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--retrieve", default="2,4")
+    ap.add_argument(
+        "--axis-frames", default="", help="also time retrieval with rope=axis in these frames, e.g. stacked,ordered"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -96,6 +100,12 @@ def main() -> None:
     variants += [
         (f"window + retrieve {r}", {"retrieve": int(r), "long_range": False}) for r in args.retrieve.split(",")
     ]
+    variants += [
+        (f"window + retrieve {r}, rope axis, {frame}", {"retrieve": int(r), "long_range": False, "rope": "axis",
+                                                        "retrieve_frame": frame})
+        for r in args.retrieve.split(",")
+        for frame in filter(None, args.axis_frames.split(","))
+    ]  # fmt: skip
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         ids = held_out_ids(tokenizer, length)
