@@ -13,6 +13,7 @@ trained; the weights are not changed.
     M=runs/r4/conv/win-r4-axis   # ctxext convert smollm2 M --no-long-range --rope axis --force
     python benchmarks/retrieve_frame_probe.py $M --choose absolute --attend axis --out runs/r5/recall/a.json
     python benchmarks/retrieve_frame_probe.py $M --choose axis --attend absolute --out runs/r5/recall/b.json
+    python benchmarks/retrieve_frame_probe.py $M --choose axis --attend axis --gap 1024 --out runs/r5/recall/c.json
 """
 
 from __future__ import annotations
@@ -26,9 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def split_frames(choose: str, attend: str) -> None:
-    """Make the torch backend choose far blocks in frame ``choose`` and read them in ``attend``."""
+def split_frames(choose: str, attend: str, gap: int = 0) -> None:
+    """Make the torch backend choose far blocks in frame ``choose`` and read them in ``attend``.
+
+    gap: in the axis frame, move the retrieved keys ``gap`` positions further back (a slot at
+    offset o sits at ``o - n - gap``): as far from the query as a far block really is, in offsets
+    the model was trained on.
+    """
+    import torch
+
     import ctxext.attention.torch_backend as tb
+    from ctxext.attention.rope import rerotate
 
     frame_of = tb.selection_frame
     select = tb.select_far_blocks
@@ -36,7 +45,10 @@ def split_frames(choose: str, attend: str) -> None:
 
     def in_frame(frame: str):
         o = dataclasses.replace(inputs["opts"], rope=frame)
-        return frame_of(inputs["q"], inputs["k"], inputs["positions"], o, inputs["inv_freq"], inputs["n"])
+        qs, ks = frame_of(inputs["q"], inputs["k"], inputs["positions"], o, inputs["inv_freq"], inputs["n"])
+        if frame == "axis" and gap:
+            ks = rerotate(ks, torch.tensor(-float(gap)), inputs["inv_freq"])
+        return qs, ks
 
     def attending(q, k, positions, opts, inv_freq, n):  # the frame retrieved_attention reads in
         if opts.rope != "axis":
@@ -55,6 +67,7 @@ def main() -> None:
     ap.add_argument("model", help="a tensorized model converted with --rope axis and retrieve > 0")
     ap.add_argument("--choose", choices=("absolute", "axis"), required=True, help="the frame blocks are chosen in")
     ap.add_argument("--attend", choices=("absolute", "axis"), required=True, help="the frame they are read in")
+    ap.add_argument("--gap", type=int, default=0, help="axis frame: retrieved keys this many positions further back")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--length", type=int, default=2048)
@@ -63,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     from quality_study import recall_one
 
-    split_frames(args.choose, args.attend)
+    split_frames(args.choose, args.attend, args.gap)
     recall_one(args.model, args.out, args.blocks, args.length, args.records, args.window)
 
 
