@@ -48,6 +48,12 @@ EVAL_VARIANTS = {
     "window, rope=axis at eval": ("window", ["--set", "rope=axis"], ("ppl",)),
     "learned, rope=axis at eval": ("learned", ["--set", "rope=axis"], ("ppl",)),
     "retrieve, rope=axis at eval": ("retrieve", ["--set", "rope=axis"], ("ppl", "passkey")),
+    "retrieve64, rope=axis at eval": ("retrieve64", ["--set", "rope=axis"], ("recall",)),
+    "retrieve64, ordered axis frame at eval": (
+        "retrieve64",
+        ["--set", "rope=axis", "--set", "retrieve_frame=ordered"],
+        ("recall",),
+    ),
 }
 
 
@@ -153,25 +159,55 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     return jobs
 
 
-def recall_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
+def recall_window(recipe: dict | None, default: int) -> int:
+    """The exact window of a recipe's model in tokens (2 x block with ``local: window``), else ``default``."""
+    ta = ((recipe or {}).get("raw", {}).get("model") or {}).get("tensorized") or {}
+    if not ta.get("block_sizes"):
+        return default
+    block = int(ta["block_sizes"][-1])
+    return 2 * block if ta.get("local", "block") == "window" else block
+
+
+def recall_jobs(models_: dict, out: Path, args, recipes: dict | None = None) -> list[tuple[list[str], Path]]:
     jobs = []
-    for label, (source, _, _) in models_.items():
+    for label, (source, extra, _) in models_.items():
         path = out / "recall" / f"{label}.json"
-        if path.is_file() or label in EVAL_VARIANTS:
+        variant = EVAL_VARIANTS.get(label)
+        if path.is_file() or (variant and "recall" not in variant[2]):
             continue
+        window = recall_window((recipes or {}).get(variant[0] if variant else label), args.recall_window)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--recall-one", source, "--recall-out", str(path)]
         cmd += ["--recall-blocks", str(args.recall_blocks), "--recall-length", str(args.recall_length)]
-        cmd += ["--recall-records", str(args.recall_records), "--recall-window", str(args.recall_window)]
-        jobs.append((cmd, out / "logs" / f"recall-{label}.log"))
+        cmd += ["--recall-records", str(args.recall_records), "--recall-window", str(window)]
+        cmd += [x for flag, value in zip(extra[::2], extra[1::2]) if flag == "--set" for x in ("--recall-set", value)]
+        jobs.append((cmd, out / "logs" / f"recall-{_slug(label)}.log"))
     return jobs
+
+
+def _recall_settings(items: list[str]) -> dict | None:
+    """``--recall-set KEY=VALUE`` items as tensorized settings (``ctxext eval --set``), None for none."""
+    from ctxext.cli import _parse_settings
+
+    return _parse_settings(items) or None
 
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
-def recall_one(source: str, out: Path, blocks: int, length: int, records: int = 16, window: int = 256) -> None:
-    """Teacher-forced recall accuracy on held-out retrieval blocks, by statement distance."""
+def recall_one(
+    source: str,
+    out: Path,
+    blocks: int,
+    length: int,
+    records: int = 16,
+    window: int = 256,
+    settings: dict | None = None,
+) -> None:
+    """Teacher-forced recall accuracy on held-out retrieval blocks, by statement distance.
+
+    settings: tensorized-attention settings to evaluate with (``ctxext eval --set``), or None.
+    """
     import torch
 
     from ctxext.data import iter_documents
@@ -179,7 +215,7 @@ def recall_one(source: str, out: Path, blocks: int, length: int, records: int = 
     from ctxext.retrieval_data import retrieval_layout
 
     torch.manual_seed(0)
-    model, tok = load_entry(ModelEntry(label="m", source=source), torch.device("cpu"))
+    model, tok = load_entry(ModelEntry(label="m", source=source, settings=settings), torch.device("cpu"))
     stream: list[int] = []
     for text in iter_documents(held_out_data()):
         stream += tok(text, add_special_tokens=False).input_ids
@@ -200,6 +236,7 @@ def recall_one(source: str, out: Path, blocks: int, length: int, records: int = 
     beyond = [r["correct"] for r in rows if r["distance"] > window]
     result = {
         "source": source,
+        "settings": settings or {},
         "blocks": blocks,
         "length": length,
         "records": records,
@@ -358,12 +395,11 @@ def report(recipes: dict, models_: dict, out: Path, report_dir: Path) -> Path:
 
     if recall:
         lines += ["", "## Recall of held-out retrieval blocks (training format, new records and text)", ""]
-        window = next(iter(recall.values()))["window"]
-        lines += [f"| model | within the window (<= {window} tokens) | beyond the window |", "|---|---|---|"]
+        lines += ["| model | exact window (tokens) | within the window | beyond the window |", "|---|---|---|---|"]
         for name, r in recall.items():
             w, b = r["within"], r["beyond"]
             cells = [f"{c['accuracy']:.0%} (n={c['n']})" if c["n"] else "- (n=0)" for c in (w, b)]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {name} | {r['window']} | {cells[0]} | {cells[1]} |")
         fig, ax = plt.subplots(figsize=(7, 4))
         window = next(iter(recall.values()))["window"]
         bins = np.array([0, window // 2, window, 2 * window, 4 * window, 8 * window])
@@ -443,6 +479,7 @@ def main() -> None:
     ap.add_argument("--recall-window", type=int, default=256, help="exact window of the models (2 x block)")
     ap.add_argument("--recall-one", help=argparse.SUPPRESS)
     ap.add_argument("--recall-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--recall-set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.recall_one:
         recall_one(
@@ -452,6 +489,7 @@ def main() -> None:
             args.recall_length,
             args.recall_records,
             args.recall_window,
+            _recall_settings(args.recall_set),
         )
         return
     only = {s for s in args.only.split(",") if s} or None
@@ -466,7 +504,8 @@ def main() -> None:
         ready = {
             k: v for k, v in models_.items() if v[0] == "smollm2" or (Path(v[0]) / "adapter_config.json").is_file()
         }
-        run_jobs(recall_jobs(ready, args.out, args) + eval_jobs(ready, args.out, args), args.jobs, args.threads)
+        jobs = recall_jobs(ready, args.out, args, recipes) + eval_jobs(ready, args.out, args)
+        run_jobs(jobs, args.jobs, args.threads)
     if args.stage in ("all", "report"):
         print(f"[study] report: {report(recipes, models_, args.out, args.report_dir)}")
 

@@ -88,3 +88,28 @@ def test_the_loss_curve_is_the_language_model_loss_of_a_distilled_run(tmp_path):
     assert study._loss_curve({"output_dir": tmp_path}) == [(1, 2.5), (2, 2.0)]
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.1, "transfer_error": 0.1}) + "\n")
     assert study._loss_curve({"output_dir": tmp_path}) == [], "an attention-transfer run has no LM loss"
+
+
+def test_recall_runs_in_each_models_own_window_and_eval_settings(tmp_path):
+    import argparse
+
+    study = _study_module()
+
+    def recipe(block, local="window", attention="tensorized"):
+        ta = {"block_sizes": [block], "local": local}
+        return {"output_dir": tmp_path, "raw": {"model": {"attention": attention, "tensorized": ta}}}
+
+    recipes = {"retrieve64": recipe(64), "blocky": recipe(32, local="block")}
+    recipes["full"] = {"output_dir": tmp_path, "raw": {"model": {"attention": "sdpa"}}}
+    assert [study.recall_window(recipes[k], 256) for k in ("retrieve64", "blocky", "full")] == [128, 32, 256]
+    models_ = study.models(recipes, with_baselines=False)
+    args = argparse.Namespace(recall_blocks=1, recall_length=512, recall_records=2, recall_window=256)
+    jobs = {log.stem: cmd for cmd, log in study.recall_jobs(models_, tmp_path, args, recipes)}
+    assert "recall-retrieve-axis-at-eval" not in jobs, "a variant without a 'recall' task gets none"
+    plain = jobs["recall-retrieve64"]
+    assert plain[plain.index("--recall-window") + 1] == "128" and "--recall-set" not in plain
+    ordered = jobs["recall-retrieve64--ordered-axis-frame-at-eval"]
+    sets = [ordered[i + 1] for i, x in enumerate(ordered) if x == "--recall-set"]
+    assert sets == ["rope=axis", "retrieve_frame=ordered"]
+    assert study._recall_settings(sets) == {"rope": "axis", "retrieve_frame": "ordered"}
+    assert study._recall_settings([]) is None
