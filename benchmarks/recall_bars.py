@@ -1,0 +1,77 @@
+"""Recall beyond the exact window, several runs side by side, with 95% intervals: one bar chart.
+
+Each input is a recall JSON written by ``benchmarks/quality_study.py`` (``--recall-one``, or the
+study's ``<out>/recall/``) or by ``benchmarks/retrieve_frame_probe.py``. The interval is Wilson's
+score interval for a binomial share: with about 126 records per run, differences of a few points
+are noise, and the chart shows which are not.
+
+    python benchmarks/recall_bars.py "absolute=runs/r4/recall/win-r4.json" \\
+        "axis, stacked=runs/r4/recall/win-r4-axis.json" --title "zero-shot" --out docs/img/recall_frames.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% score interval ``(low, high)`` of a share ``hits / n`` (``n > 0``)."""
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def beyond(path: Path) -> tuple[int, int]:
+    """``(hits, n)`` of the records beyond the window in one recall JSON."""
+    raw = json.loads(path.read_text())
+    rows = [r for r in raw["rows"] if r["distance"] > raw["window"]]
+    return sum(bool(r["correct"]) for r in rows), len(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="LABEL=path/to/recall.json, in plot order (top first)")
+    ap.add_argument("--title", default="")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = []
+    for item in args.runs:
+        label, sep, path = item.rpartition("=")
+        if not sep or not label:
+            raise SystemExit(f"expected LABEL=path/to/recall.json, got {item!r}")
+        hits, n = beyond(Path(path))
+        if n == 0:
+            raise SystemExit(f"{path}: no record beyond the window")
+        rows.append((label, hits, n, *wilson(hits, n)))
+    print("| run | recalled beyond the window | 95% interval |\n|---|---|---|")
+    for label, hits, n, lo, hi in rows:
+        print(f"| {label} | {hits / n:.1%} ({hits} / {n}) | {lo:.0%}-{hi:.0%} |")
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.4))
+    y = list(range(len(rows)))[::-1]
+    shares = [h / n for _, h, n, _, _ in rows]
+    errors = [[s - lo for s, (*_, lo, _) in zip(shares, rows)], [hi - s for s, (*_, hi) in zip(shares, rows)]]
+    ax.barh(y, shares, xerr=errors, capsize=3, color="#4c72b0")
+    ax.set_yticks(y, [r[0] for r in rows])
+    ax.set_xlabel("records recalled exactly beyond the window (bars: 95% interval)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlim(0, max(0.2, max(hi for *_, hi in rows) * 1.1))
+    if args.title:
+        ax.set_title(args.title, fontsize=10)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

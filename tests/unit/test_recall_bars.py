@@ -1,0 +1,51 @@
+"""``benchmarks/recall_bars.py``: recall beyond the window with Wilson intervals, a chart, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "recall_bars.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("recall_bars", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recall(path: Path, hits_beyond: int, n_beyond: int) -> Path:
+    rows = [{"distance": 100, "correct": True}]  # within the window: not counted
+    rows += [{"distance": 300 + i, "correct": i < hits_beyond} for i in range(n_beyond)]
+    path.write_text(json.dumps({"window": 256, "rows": rows}))
+    return path
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    wilson = _module().wilson
+    low, high = wilson(21, 126)  # by hand: centre 0.17653, half-width 0.06486
+    assert low == pytest.approx(0.1117, abs=2e-4) and high == pytest.approx(0.2414, abs=2e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_table_and_chart_count_only_records_beyond_the_window(tmp_path):
+    a, b = _recall(tmp_path / "a.json", 3, 10), _recall(tmp_path / "b.json", 0, 4)
+    out = tmp_path / "bars.png"
+    cmd = [sys.executable, str(SCRIPT), f"first=run={a}", f"second={b}", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| first=run | 30.0% (3 / 10) |" in done.stdout and "| second | 0.0% (0 / 4) |" in done.stdout
+    assert out.stat().st_size > 1000
+
+
+def test_a_run_without_a_label_is_refused(tmp_path):
+    a = _recall(tmp_path / "a.json", 1, 2)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(a), "--out", str(tmp_path / "x.png")], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "expected LABEL=path/to/recall.json" in done.stderr
