@@ -47,10 +47,9 @@ HELD_OUT_PACKAGES = ("pydoc_data", "tkinter", "email", "unittest", "idlelib", "u
 EVAL_VARIANTS = {
     "window, rope=axis at eval": ("window", ["--set", "rope=axis"], ("ppl",)),
     "learned, rope=axis at eval": ("learned", ["--set", "rope=axis"], ("ppl",)),
-    "retrieve, rope=axis at eval": ("retrieve", ["--set", "rope=axis"], ("ppl", "passkey")),
-    "retrieve64, rope=axis at eval": ("retrieve64", ["--set", "rope=axis"], ("recall",)),
-    "retrieve64, ordered axis frame at eval": (
-        "retrieve64",
+    "retrieve, rope=axis at eval": ("retrieve", ["--set", "rope=axis"], ("ppl", "passkey", "recall")),
+    "retrieve, ordered axis frame at eval": (
+        "retrieve",
         ["--set", "rope=axis", "--set", "retrieve_frame=ordered"],
         ("recall",),
     ),

@@ -99,16 +99,17 @@ def test_recall_runs_in_each_models_own_window_and_eval_settings(tmp_path):
         ta = {"block_sizes": [block], "local": local}
         return {"output_dir": tmp_path, "raw": {"model": {"attention": attention, "tensorized": ta}}}
 
-    recipes = {"retrieve64": recipe(64), "blocky": recipe(32, local="block")}
+    recipes = {"retrieve": recipe(64), "blocky": recipe(32, local="block"), "window": recipe(128)}
     recipes["full"] = {"output_dir": tmp_path, "raw": {"model": {"attention": "sdpa"}}}
-    assert [study.recall_window(recipes[k], 256) for k in ("retrieve64", "blocky", "full")] == [128, 32, 256]
+    assert [study.recall_window(recipes[k], 256) for k in ("retrieve", "blocky", "full")] == [128, 32, 256]
     models_ = study.models(recipes, with_baselines=False)
     args = argparse.Namespace(recall_blocks=1, recall_length=512, recall_records=2, recall_window=256)
     jobs = {log.stem: cmd for cmd, log in study.recall_jobs(models_, tmp_path, args, recipes)}
-    assert "recall-retrieve-axis-at-eval" not in jobs, "a variant without a 'recall' task gets none"
-    plain = jobs["recall-retrieve64"]
+    assert "recall-window" in jobs and "recall-window--rope-axis-at-eval" not in jobs, "no 'recall' task, no job"
+    plain = jobs["recall-retrieve"]
     assert plain[plain.index("--recall-window") + 1] == "128" and "--recall-set" not in plain
-    ordered = jobs["recall-retrieve64--ordered-axis-frame-at-eval"]
+    assert jobs["recall-retrieve--rope-axis-at-eval"][-2:] == ["--recall-set", "rope=axis"]
+    ordered = jobs["recall-retrieve--ordered-axis-frame-at-eval"]
     sets = [ordered[i + 1] for i, x in enumerate(ordered) if x == "--recall-set"]
     assert sets == ["rope=axis", "retrieve_frame=ordered"]
     assert study._recall_settings(sets) == {"rope": "axis", "retrieve_frame": "ordered"}
