@@ -68,7 +68,7 @@ def markdown(report: dict[str, Any]) -> str:
             for d in depths:
                 cells = [rows[n][d] for n in lengths]
                 lines.append(f"| {d} | " + " | ".join("OOM" if c == "oom" else f"{100 * c:.0f}%" for c in cells) + " |")
-        lines += _misses_table(task, report.get("misses", {}).get(task, {}), r["scoring"])
+        lines += _misses_table(task, report.get("misses", {}).get(task, {}), r.get("scoring_mode", "teacher"))
     lines += ["", f"Device: {proto['device']} ({proto['dtype']}), torch {proto['torch']}.", ""]
     return "\n".join(lines)
 
@@ -76,10 +76,10 @@ def markdown(report: dict[str, Any]) -> str:
 MISSES_SHOWN = 12
 
 
-def _misses_table(task: str, misses: dict[str, list[dict[str, Any]]], scoring: str) -> list[str]:
-    """What each model answered where it was wrong (the first ``MISSES_SHOWN`` per model)."""
+def _misses_table(task: str, misses: dict[str, list[dict[str, Any]]], mode: str) -> list[str]:
+    """What each model answered where it was wrong (the first ``MISSES_SHOWN`` per model); mode: the scoring."""
     lines = []
-    how = "greedy continuation" if scoring.startswith("greedy") else "argmax at each answer position, teacher-forced"
+    how = "greedy continuation" if mode == "generate" else "argmax at each answer position, teacher-forced"
     for label, rows in misses.items():
         if not rows:
             continue

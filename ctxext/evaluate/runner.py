@@ -374,6 +374,7 @@ def _protocol(spec: EvalSpec, docs, device) -> dict[str, Any]:
             "trials_per_cell": spec.trials,
             "seeds": [spec.seed * 10_000 + t for t in range(spec.trials)],
             "scoring": RETRIEVAL_SCORING[spec.scoring],
+            "scoring_mode": spec.scoring,  # "teacher" or "generate"
         },
         "device": str(device),
         "dtype": "bfloat16" if device.type == "cuda" else "float32",

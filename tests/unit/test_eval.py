@@ -274,3 +274,4 @@ def test_wrong_answers_are_recorded_with_what_the_model_said(tmp_path, scoring):
     assert saved["misses"] == report["misses"]
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "passkey, tiny-ta: wrong answers" in md and f"`{misses[0]['answer']}`" in md
+    assert ("greedy continuation" if scoring == "generate" else "teacher-forced; ") in md
