@@ -185,9 +185,9 @@ def recall_jobs(models_: dict, out: Path, args, recipes: dict | None = None) -> 
 
 def _recall_settings(items: list[str]) -> dict | None:
     """``--recall-set KEY=VALUE`` items as tensorized settings (``ctxext eval --set``), None for none."""
-    from ctxext.cli import _parse_settings
+    from ctxext.config import parse_settings
 
-    return _parse_settings(items) or None
+    return parse_settings(items) or None
 
 
 def _slug(label: str) -> str:

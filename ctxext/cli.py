@@ -298,19 +298,6 @@ def _print_plan(spec) -> None:
     console.print(table)
 
 
-def _parse_settings(items: list[str]) -> dict:
-    """``["rope=axis", "block_sizes=[64,64]"]`` -> ``{"rope": "axis", "block_sizes": [64, 64]}`` (YAML values)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rope=axis")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model dir, adapter dir (from finetune), .gguf, Hub id or 'smollm2'.")],
@@ -342,6 +329,7 @@ def evaluate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned work and memory; run nothing.")] = False,
 ) -> None:
     """Evaluate long-context ability: perplexity against length, passkey, needle, RULER-style tasks."""
+    from .config import parse_settings
     from .evaluate.runner import EvalError, EvalSpec, parse_length, resolve_entries, run, validate
     from .models import ModelSourceError, UnsupportedModelError
 
@@ -360,7 +348,7 @@ def evaluate(
             force=force,
             scoring=scoring,
             context_parallel=context_parallel,
-            settings=_parse_settings(set_ or []),
+            settings=parse_settings(set_ or []),
         )
     except ValueError as err:
         _fail(f"{err}")

@@ -148,16 +148,33 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``; the value is parsed as YAML."""
-    if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected section.key=value, e.g. train.steps=200")
-    key, raw = text.split("=", 1)
+def parse_assignment(text: str, what: str, example: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> ``(KEY, value)``, the value parsed as YAML (text that is not YAML stays text).
+
+    what and example name the argument in the error, e.g. ``("--set", "--set rope=axis")``.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"{what} {text!r}: expected KEY=VALUE, e.g. {example}")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ``("train.lr", 1e-4)``: one ``section.key=value`` recipe override."""
+    return parse_assignment(text, "override", "train.steps=200")
+
+
+def parse_settings(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["rope=axis", "block_sizes=[64,64]"]`` -> ``{"rope": "axis", "block_sizes": [64, 64]}``.
+
+    Tensorized-attention settings as ``ctxext eval --set`` takes them (values parsed as YAML);
+    they are validated where they are applied (``TensorizedOptions.from_dict``).
+    """
+    return dict(parse_assignment(item, "--set", "--set rope=axis") for item in items)
 
 
 def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxext.config import RecipeError, load, parse_override
+from ctxext.config import RecipeError, load, parse_override, parse_settings
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.yaml"))
 
@@ -74,6 +74,22 @@ def test_overrides_are_typed(tmp_path):
     assert recipe.model.tensorized == {"block_sizes": [8], "sinks": 2}
     assert recipe.data.packing is False
     assert parse_override("train.output_dir=runs/x") == ("train.output_dir", "runs/x")
+
+
+def test_settings_and_overrides_parse_values_as_yaml_and_name_bad_items():
+    assert parse_settings(["rope=axis", "block_sizes=[64, 64]", "retrieve=4", "sinks = 2"]) == {
+        "rope": "axis",
+        "block_sizes": [64, 64],
+        "retrieve": 4,
+        "sinks": 2,
+    }
+    assert parse_settings(["summary=[unclosed"]) == {"summary": "[unclosed"}  # not YAML: kept as text
+    with pytest.raises(RecipeError, match=r"--set 'rope': expected KEY=VALUE, e.g. --set rope=axis"):
+        parse_settings(["rope"])
+    with pytest.raises(RecipeError, match=r"--set '=axis'"):
+        parse_settings(["=axis"])
+    with pytest.raises(RecipeError, match=r"override 'train.steps': expected KEY=VALUE, e.g. train.steps=200"):
+        parse_override("train.steps")
 
 
 def test_missing_recipe_file(tmp_path):
