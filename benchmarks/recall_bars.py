@@ -25,10 +25,14 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def beyond(path: Path) -> tuple[int, int]:
-    """``(hits, n)`` of the records beyond the window in one recall JSON."""
+def beyond(path: Path, at_least: int = 0) -> tuple[int, int]:
+    """``(hits, n)`` of the records beyond the window in one recall JSON.
+
+    at_least: count only records farther than this many tokens too, so that runs with different
+    exact windows (blocks of 64 against 128) are compared on the same records.
+    """
     raw = json.loads(path.read_text())
-    rows = [r for r in raw["rows"] if r["distance"] > raw["window"]]
+    rows = [r for r in raw["rows"] if r["distance"] > max(raw["window"], at_least)]
     return sum(bool(r["correct"]) for r in rows), len(rows)
 
 
@@ -36,6 +40,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/recall.json, in plot order (top first)")
     ap.add_argument("--title", default="")
+    ap.add_argument(
+        "--beyond", type=int, default=0, help="count only records farther than this many tokens (and the window)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     import matplotlib
@@ -49,11 +56,12 @@ def main() -> None:
         label, sep, path = item.rpartition("=")
         if not sep or not label:
             raise SystemExit(f"expected LABEL=path/to/recall.json, got {item!r}")
-        hits, n = beyond(Path(path))
+        hits, n = beyond(Path(path), args.beyond)
         if n == 0:
             raise SystemExit(f"{path}: no record beyond the window")
         rows.append((label, hits, n, *wilson(hits, n)))
-    print("| run | recalled beyond the window | 95% interval |\n|---|---|---|")
+    where = "beyond the window" + (f" and {args.beyond} tokens" if args.beyond else "")
+    print(f"| run | recalled {where} | 95% interval |\n|---|---|---|")
     for label, hits, n, lo, hi in rows:
         print(f"| {label} | {hits / n:.1%} ({hits} / {n}) | {lo:.0%}-{hi:.0%} |")
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.4))
@@ -62,7 +70,7 @@ def main() -> None:
     errors = [[s - lo for s, (*_, lo, _) in zip(shares, rows)], [hi - s for s, (*_, hi) in zip(shares, rows)]]
     ax.barh(y, shares, xerr=errors, capsize=3, color="#4c72b0")
     ax.set_yticks(y, [r[0] for r in rows])
-    ax.set_xlabel("records recalled exactly beyond the window (bars: 95% interval)")
+    ax.set_xlabel(f"records recalled exactly {where} (bars: 95% interval)")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_xlim(0, max(0.2, max(hi for *_, hi in rows) * 1.1))
     if args.title:

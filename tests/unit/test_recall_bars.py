@@ -49,3 +49,19 @@ def test_a_run_without_a_label_is_refused(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(a), "--out", str(tmp_path / "x.png")], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "expected LABEL=path/to/recall.json" in done.stderr
+
+
+def test_beyond_compares_runs_with_different_windows_on_the_same_records(tmp_path):
+    path = tmp_path / "r.json"  # window 128: records at 200 count, unless --beyond 256 drops them
+    rows = [{"distance": 100, "correct": True}, {"distance": 200, "correct": True}, {"distance": 200, "correct": False}]
+    rows += [{"distance": 400, "correct": True}, {"distance": 500, "correct": False}]
+    path.write_text(json.dumps({"window": 128, "rows": rows}))
+    beyond = _module().beyond
+    assert beyond(path) == (2, 4)
+    assert beyond(path, 256) == (1, 2)
+    assert beyond(path, 64) == (2, 4)  # never nearer than the run's own window
+    out = tmp_path / "bars.png"
+    cmd = [sys.executable, str(SCRIPT), f"r={path}", "--beyond", "256", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "recalled beyond the window and 256 tokens" in done.stdout and "| r | 50.0% (1 / 2) |" in done.stdout
