@@ -88,6 +88,6 @@ def test_gap_moves_the_retrieved_keys_further_back(probe):
     split_frames, seen = probe
     split_frames("axis", "axis", gap=24)
     opts, q, k, inv = _run(seen)
-    keys, chosen = _expected(opts, q, k, inv, "axis", "axis")
+    keys, _ = _expected(opts, q, k, inv, "axis", "axis")
     assert torch.allclose(seen["ks"], rerotate(keys, torch.tensor(-24.0), inv), atol=1e-5)
     assert not torch.allclose(seen["ks"], keys, atol=1e-3)
