@@ -3,14 +3,15 @@ full attention, side by side in one process, and how many far blocks a query blo
 
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 2,4 --out docs/bench/retrieve_cost.json
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 4 --axis-frames stacked,ordered
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8   # block shape : retrieve
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
-(``retrieve``, ``long_range``), and ``sdpa`` runs the same weights with full attention. Time is
-the median of ``--repeats`` forward passes (no grad, batch 1) on held-out text; on a CPU only the
-ratios mean anything. "union" is, per query block of n tokens, the number of distinct far
-blocks its queries chose over all heads: the masked-union path of ``retrieve.py`` computes
-scores against that many blocks, so it sets the CPU cost (a fused kernel would read only the
-``k`` blocks per query).
+(``retrieve``, ``long_range``, and ``block_sizes`` with ``--shapes``), and ``sdpa`` runs the same
+weights with full attention. Time is the median of ``--repeats`` forward passes (no grad, batch 1)
+on held-out text; on a CPU only the ratios mean anything. "union" is, per query block of n tokens,
+the number of distinct far blocks its queries chose over all heads: the masked-union path of
+``retrieve.py`` computes scores against that many blocks, so it sets the CPU cost (a fused kernel
+would read only the ``k`` blocks per query).
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
     return sizes
 
 
+def shape_variants(text: str) -> list[tuple[str, dict]]:
+    """``"128:4,64:8"`` -> per block size, the window-only run and the run retrieving that many blocks."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        size, sep, k = item.partition(":")
+        if not (sep and size.isdigit() and k.isdigit() and int(size) > 0 and int(k) > 0):
+            raise SystemExit(f"--shapes: expected BLOCK:RETRIEVE pairs such as 128:4,64:8, got {item!r}")
+        blocks = {"block_sizes": [int(size)], "long_range": False}
+        variants += [
+            (f"blocks of {size}, window only", {**blocks, "retrieve": 0}),
+            (f"blocks of {size}, window + retrieve {k}", {**blocks, "retrieve": int(k)}),
+        ]
+    return variants
+
+
 def timed(model, ids: torch.Tensor, repeats: int) -> float:
     times = []
     with torch.no_grad():
@@ -82,6 +98,12 @@ def main() -> None:
     ap.add_argument(
         "--axis-frames", default="", help="also time retrieval with rope=axis in these frames, e.g. stacked,ordered"
     )
+    ap.add_argument(
+        "--shapes",
+        default="",
+        help="block size:retrieve pairs, e.g. 128:4,64:8 (each with its window-only run); "
+        "replaces --retrieve and --axis-frames",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -97,15 +119,18 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     base = dict(getattr(model.config, CONFIG_KEY))
     variants = [("window only", {"retrieve": 0, "long_range": False})]
-    variants += [
-        (f"window + retrieve {r}", {"retrieve": int(r), "long_range": False}) for r in args.retrieve.split(",")
-    ]
-    variants += [
-        (f"window + retrieve {r}, rope axis, {frame}", {"retrieve": int(r), "long_range": False, "rope": "axis",
-                                                        "retrieve_frame": frame})
-        for r in args.retrieve.split(",")
-        for frame in filter(None, args.axis_frames.split(","))
-    ]  # fmt: skip
+    if args.shapes:
+        variants = shape_variants(args.shapes)
+    else:
+        variants += [
+            (f"window + retrieve {r}", {"retrieve": int(r), "long_range": False}) for r in args.retrieve.split(",")
+        ]
+        variants += [
+            (f"window + retrieve {r}, rope axis, {frame}", {"retrieve": int(r), "long_range": False, "rope": "axis",
+                                                            "retrieve_frame": frame})
+            for r in args.retrieve.split(",")
+            for frame in filter(None, args.axis_frames.split(","))
+        ]  # fmt: skip
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         ids = held_out_ids(tokenizer, length)
@@ -120,7 +145,7 @@ def main() -> None:
             if settings["retrieve"]:
                 sizes = union_sizes(model, ids)
                 row["union_blocks_mean"] = statistics.mean(sizes)
-                row["far_blocks"] = length // base["block_sizes"][-1] - 2
+                row["far_blocks"] = length // list(settings.get("block_sizes", base["block_sizes"]))[-1] - 2
             rows.append(row)
             print(json.dumps(row), flush=True)
     setattr(model.config, CONFIG_KEY, base)

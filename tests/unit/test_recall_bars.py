@@ -42,6 +42,7 @@ def test_table_and_chart_count_only_records_beyond_the_window(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| first=run | 30.0% (3 / 10) |" in done.stdout and "| second | 0.0% (0 / 4) |" in done.stdout
     assert out.stat().st_size > 1000
+    assert "| second | - | - | not the same records" in done.stdout  # 10 records against 4: no pairing
 
 
 def test_a_run_without_a_label_is_refused(tmp_path):
@@ -65,3 +66,37 @@ def test_beyond_compares_runs_with_different_windows_on_the_same_records(tmp_pat
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "recalled beyond the window and 256 tokens" in done.stdout and "| r | 50.0% (1 / 2) |" in done.stdout
+
+
+def _paired(correct: list[bool]) -> list[dict]:
+    return [{"distance": 300 + i, "correct": c} for i, c in enumerate(correct)]
+
+
+def test_mcnemar_counts_discordant_records_and_gives_the_exact_p():
+    mcnemar = _module().mcnemar
+    first = _paired([True] * 7 + [False] * 3 + [True, False])
+    other = _paired([False] * 6 + [True] + [True] * 3 + [True, False])
+    # discordant: 6 only in first, 3 only in other; p = 2 * P(X <= 3), X ~ Bin(9, 1/2) = 2 * 130 / 512
+    only_first, only_other, p = mcnemar(first, other)
+    assert (only_first, only_other) == (6, 3)
+    assert p == pytest.approx(260 / 512)
+    assert mcnemar(first, first) == (0, 0, 1.0)
+    assert mcnemar(_paired([True] * 10), _paired([False] * 10))[2] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="not scored on the same records"):
+        mcnemar(first, first[:-1])
+
+
+def test_paths_with_an_equals_sign_and_the_paired_table(tmp_path):
+    folder = tmp_path / "recall"
+    folder.mkdir()
+    a = folder / "m, rope=axis at eval.json"
+    a.write_text(json.dumps({"window": 256, "rows": _paired([True, True, True, False])}))
+    b = _recall(folder / "b.json", 1, 4)  # records at 300..303: the same distances as a
+    cmd = [sys.executable, str(SCRIPT), f"axis={a}", f"abs={b}", "--out", str(tmp_path / "x.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| axis | 75.0% (3 / 4) |" in done.stdout
+    assert "| abs | 2 | 0 | 0.5 |" in done.stdout  # 2 records only in the first; p = 2 * 1/4
+    missing = subprocess.run([sys.executable, str(SCRIPT), f"x={folder}/none.json", "--out", str(tmp_path / "y.png")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode != 0 and "no recall JSON found" in missing.stderr

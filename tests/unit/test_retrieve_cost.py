@@ -1,0 +1,75 @@
+"""``benchmarks/retrieve_cost.py``: the block shapes it times are the ones the model runs.
+
+Its ``--shapes`` ratios in docs/RESULTS.md rest on changing ``block_sizes`` and ``retrieve`` in the
+model's config in place; these tests fail if a shape is parsed wrongly or the change is ignored.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import ctxext.attention.torch_backend as tb
+from ctxext.attention.hf import CONFIG_KEY
+from ctxext.attention.options import TensorizedOptions
+from ctxext.models import apply_tensorized
+from ctxext.tiny import tiny_model
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "retrieve_cost.py"
+
+
+@pytest.fixture(scope="module")
+def cost():
+    spec = importlib.util.spec_from_file_location("retrieve_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shapes_give_window_and_retrieval_per_block_size(cost):
+    variants = cost.shape_variants("128:4, 64:8")
+    assert [label for label, _ in variants] == [
+        "blocks of 128, window only",
+        "blocks of 128, window + retrieve 4",
+        "blocks of 64, window only",
+        "blocks of 64, window + retrieve 8",
+    ]
+    assert variants[3][1] == {"block_sizes": [64], "long_range": False, "retrieve": 8}
+    assert variants[2][1]["retrieve"] == 0
+
+
+@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b"])
+def test_bad_shape_names_itself(cost, bad):
+    with pytest.raises(SystemExit, match=f"--shapes: .*{bad!r}"):
+        cost.shape_variants(f"64:8,{bad}")
+
+
+def test_shape_changed_in_place_reaches_the_chooser(cost, monkeypatch):
+    """After the config swap the model chooses among blocks of the new size: the chooser sees
+    ``n`` and one column per block of that size (L / n), and ``union_sizes`` counts them."""
+    model = tiny_model("llama").float().eval()
+    apply_tensorized(model, TensorizedOptions(block_sizes=(16,), sinks=2, local="window", long_range=False, retrieve=1))
+    base = dict(getattr(model.config, CONFIG_KEY))
+    ids = torch.randint(0, model.config.vocab_size, (1, 128))
+    seen: list[tuple[int, int]] = []
+    choose = tb.select_far_blocks
+
+    def recording(qs, ks, key_ok, opts, n, *rest):
+        chosen = choose(qs, ks, key_ok, opts, n, *rest)
+        seen.append((n, chosen.shape[-1]))
+        return chosen
+
+    monkeypatch.setattr(tb, "select_far_blocks", recording)
+    for label, settings in cost.shape_variants("16:1,8:2"):
+        if not settings["retrieve"]:
+            continue
+        setattr(model.config, CONFIG_KEY, {**base, **settings})
+        seen.clear()
+        sizes = cost.union_sizes(model, ids)
+        n = settings["block_sizes"][0]
+        assert seen and all(entry == (n, 128 // n) for entry in seen), (label, seen)
+        assert len(sizes) == model.config.num_hidden_layers
+        assert all(0 < size <= 128 // n for size in sizes), (label, sizes)
