@@ -70,6 +70,9 @@ def convert(
     retrieve_frame: Annotated[
         str, typer.Option(help="stacked | ordered: where retrieved blocks sit with --rope axis")
     ] = "stacked",
+    retrieve_block: Annotated[
+        int, typer.Option(help="Tokens per retrieved block, a divisor of the inner block (0: the inner block).")
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -104,6 +107,7 @@ def convert(
             summary=summary,
             retrieve=retrieve,
             retrieve_frame=retrieve_frame,
+            retrieve_block=retrieve_block,
             backend=backend,
         )
         errors = options.problems(where="option")

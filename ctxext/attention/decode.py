@@ -212,13 +212,13 @@ class _Step:
         n = self.opts.inner_block
         every = torch.arange(self.row.n_slots, device=slots.device)
         k, v = self.kv(every)  # (Hkv, S, D)
-        ks = key_frame(k[None], self.positions(every)[None], self.opts, self.inv_freq, n)
+        ks = key_frame(k[None], self.positions(every)[None], self.opts, self.inv_freq)
         qs = query_frame(q[None], slots, self.positions(slots)[None], self.opts, self.inv_freq, n)
         key_ok = retrievable_keys(torch.ones(1, len(every), dtype=torch.bool, device=slots.device), self.opts.sinks)
         chosen = select_far_blocks(qs, ks, key_ok, self.opts, n, q_slots=slots)
         order = ordered_frame_freq(self.opts, self.inv_freq)
         far, lse_far = retrieved_attention(
-            qs * self.geo.scaling, ks, v[None], chosen, key_ok, n, self.geo.softcap, order
+            qs * self.geo.scaling, ks, v[None], chosen, key_ok, self.opts.retrieval_block, self.geo.softcap, order
         )
         return merge_streams(C, lse_C, far[0], lse_far[0])
 

@@ -122,6 +122,7 @@ def tensorized_attention(
     summary: str = "token",
     retrieve: int = 0,
     retrieve_frame: str = "stacked",
+    retrieve_block: int = 0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -150,6 +151,8 @@ def tensorized_attention(
             0: none; see ``ctxext/attention/retrieve.py``).
         retrieve_frame: ``"stacked"`` or ``"ordered"``: where retrieved blocks sit with
             ``rope="axis"`` (see :class:`TensorizedOptions`).
+        retrieve_block: tokens per retrieved far block, a divisor of the inner block
+            (0: the inner block).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -179,6 +182,7 @@ def tensorized_attention(
         summary=summary,
         retrieve=retrieve,
         retrieve_frame=retrieve_frame,
+        retrieve_block=retrieve_block,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

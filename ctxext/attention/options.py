@@ -50,6 +50,9 @@ class TensorizedOptions:
     retrieve_frame: where the retrieved blocks sit with ``rope="axis"`` (no effect with
         ``absolute``): ``stacked``, all on the coordinates just before the local range, or
         ``ordered``, one after another in their sequence order (see ``retrieve.py``).
+    retrieve_block: tokens per retrieved block (0: the inner block ``n``). A divisor of ``n``
+        retrieves at a finer grain than the local window: e.g. a window of two blocks of 128
+        with ``retrieve: 8`` far blocks of 64 (quality study, round 7).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -63,12 +66,18 @@ class TensorizedOptions:
     summary: str = "token"
     retrieve: int = 0
     retrieve_frame: str = "stacked"
+    retrieve_block: int = 0
     backend: str = "auto"
 
     @property
     def inner_block(self) -> int:
         """n_m, the size of the innermost (local) axis."""
         return self.block_sizes[-1]
+
+    @property
+    def retrieval_block(self) -> int:
+        """Tokens per retrieved far block: ``retrieve_block``, or n_m when it is 0."""
+        return self.retrieve_block or self.block_sizes[-1]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +144,14 @@ class TensorizedOptions:
             errors.append(
                 f"{where}.retrieve: expected the number of far blocks each query reads exactly (0 for none), "
                 f"got {self.retrieve!r}"
+            )
+        rb = self.retrieve_block
+        if isinstance(rb, bool) or not isinstance(rb, int) or rb < 0:
+            errors.append(f"{where}.retrieve_block: expected 0 (the inner block) or a positive integer, got {rb!r}")
+        elif rb and isinstance(bs, tuple) and bs and isinstance(bs[-1], int) and bs[-1] % rb:
+            errors.append(
+                f"{where}.retrieve_block: {rb} does not divide the inner block {bs[-1]} (block_sizes={list(bs)}); "
+                "use a divisor such as " + " or ".join(str(d) for d in (bs[-1] // 2, bs[-1]) if d > 0) + ", or 0"
             )
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")

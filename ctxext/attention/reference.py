@@ -33,11 +33,12 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   ``summary_gate[h]``, keys a far entry by ``own key + gate * (pooled key - own key)``: both
   start at zero, so a freshly converted ``learned`` model computes ``summary="token"``.
 * ``retrieve = r > 0``: the causal key set of the local hop also holds every real, non-sink slot
-  of the ``r`` far blocks p chose (blocks of n slots ending before its causal range; chosen per
-  query head by :func:`ctxext.attention.retrieve.select_far_blocks`), one softmax with the rest.
-  With ``rope="axis"`` those scores use the query at coordinate ``p - start`` and a retrieved
-  slot at ``(slot mod n) - n`` (``retrieve_frame="stacked"``) or, ``"ordered"``, at
-  ``(slot mod n) - (r + 1) n`` with r the number of blocks p chose after the slot's block.
+  of the ``r`` far blocks p chose (blocks of ``m = retrieve_block or n`` slots ending before its
+  causal range; chosen per query head by :func:`ctxext.attention.retrieve.select_far_blocks`),
+  one softmax with the rest. With ``rope="axis"`` those scores use the query at coordinate
+  ``p - start`` and a retrieved slot at ``(slot mod m) - m`` (``retrieve_frame="stacked"``) or,
+  ``"ordered"``, at ``(slot mod m) - (r + 1) m`` with r the number of blocks p chose after the
+  slot's block.
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -117,7 +118,8 @@ def reference_tensorized_attention(
         far_ok = retrievable_keys(valid, opts.sinks)
         chosen = select_far_blocks(q_far, k_far, far_ok, opts, n)
         k_far = k_far.repeat_interleave(group, dim=1)
-        order_freq = ordered_frame_freq(opts, inv_freq)  # None: every chosen block at (slot mod n) - n
+        order_freq = ordered_frame_freq(opts, inv_freq)  # None: every chosen block at (slot mod m) - m
+        m = opts.retrieval_block  # slots per retrieved block
         rank = chosen_rank(chosen)  # (B, Hq, L, nb)
     k = k.repeat_interleave(group, dim=1)  # the reference may repeat k/v: (B, Hq, L, D)
     v = v.repeat_interleave(group, dim=1)
@@ -160,10 +162,10 @@ def reference_tensorized_attention(
             mask = torch.cat([valid[:, sinks][:, None].expand(batch, n_heads, len(sinks)), mask], dim=-1)
         far_slots = list(range(start // n * n)) if far else []  # every slot of a block ending before start
         if far_slots:
-            far_blocks = [t // n for t in far_slots]
+            far_blocks = [t // m for t in far_slots]
             keys_far = k_far[:, :, far_slots]  # (B, H, F, D)
-            if order_freq is not None:  # a block with r later chosen blocks moves back by r n
-                keys_far = rerotate(keys_far, -(rank[:, :, p, far_blocks] * n).to(compute), order_freq)
+            if order_freq is not None:  # a block with r later chosen blocks moves back by r m
+                keys_far = rerotate(keys_far, -(rank[:, :, p, far_blocks] * m).to(compute), order_freq)
             s = torch.cat([s, score(q_far[:, :, p], keys_far)], dim=-1)
             vals = torch.cat([vals, values[:, :, far_slots]], dim=2)
             picked = chosen[:, :, p, far_blocks] & far_ok[:, None, far_slots]  # (B, H, F)

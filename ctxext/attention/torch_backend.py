@@ -335,7 +335,8 @@ def torch_tensorized_attention(
         key_ok = retrievable_keys(valid_slots, opts.sinks)
         chosen = select_far_blocks(qs, ks, key_ok, opts, axes[-1])
         order = ordered_frame_freq(opts, inv_freq)
-        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, axes[-1], softcap, order)
+        m = opts.retrieval_block
+        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, m, softcap, order)
     q = q * scaling  # fold the score scale into q once: O(N D), not O(N n)
     need_lse = (opts.merge != "score" and opts.long_range) or retrieval is not None
 
