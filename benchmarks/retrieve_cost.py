@@ -3,7 +3,7 @@ full attention, side by side in one process, and how many far blocks a query blo
 
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 2,4 --out docs/bench/retrieve_cost.json
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 4 --axis-frames stacked,ordered
-    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8   # block shape : retrieve
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8,128:8:64  # block:retrieve[:of]
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
 (``retrieve``, ``long_range``, and ``block_sizes`` with ``--shapes``), and ``sdpa`` runs the same
@@ -43,7 +43,8 @@ def held_out_ids(tokenizer, length: int) -> torch.Tensor:
 
 
 def union_sizes(model, ids: torch.Tensor) -> list[float]:
-    """Mean number of distinct far blocks chosen per query block, per layer (hooks the chooser)."""
+    """Mean number of distinct far blocks chosen per chunk of m queries (the masked-union path's
+    unit, m = the retrieved block's size), per layer (hooks the chooser)."""
     import ctxext.attention.torch_backend as tb
 
     sizes: list[float] = []
@@ -52,7 +53,8 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
     def counting(qs, ks, key_ok, opts, n, *rest):
         chosen = choose(qs, ks, key_ok, opts, n, *rest)  # (B, Hq, L, nb)
         b, hq, length, nb = chosen.shape
-        per_block = chosen.view(b, hq, length // n, n, nb).any(dim=(1, 3)).sum(-1).float()  # (B, L/n)
+        m = opts.retrieval_block
+        per_block = chosen.view(b, hq, length // m, m, nb).any(dim=(1, 3)).sum(-1).float()  # (B, L/m)
         sizes.append(per_block[:, 2:].mean().item() if per_block.shape[1] > 2 else 0.0)
         return chosen
 
@@ -66,17 +68,22 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
 
 
 def shape_variants(text: str) -> list[tuple[str, dict]]:
-    """``"128:4,64:8"`` -> per block size, the window-only run and the run retrieving that many blocks."""
-    variants = []
+    """``"128:4,64:8,128:8:64"`` -> per block size, the window-only run and the run retrieving that
+    many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``)."""
+    variants, windows = [], set()
     for item in filter(None, (part.strip() for part in text.split(","))):
-        size, sep, k = item.partition(":")
-        if not (sep and size.isdigit() and k.isdigit() and int(size) > 0 and int(k) > 0):
-            raise SystemExit(f"--shapes: expected BLOCK:RETRIEVE pairs such as 128:4,64:8, got {item!r}")
-        blocks = {"block_sizes": [int(size)], "long_range": False}
-        variants += [
-            (f"blocks of {size}, window only", {**blocks, "retrieve": 0}),
-            (f"blocks of {size}, window + retrieve {k}", {**blocks, "retrieve": int(k)}),
-        ]
+        fields = item.split(":")
+        if not (2 <= len(fields) <= 3 and all(f.isdigit() and int(f) > 0 for f in fields)):
+            raise SystemExit(
+                f"--shapes: expected BLOCK:RETRIEVE[:RETRIEVE_BLOCK] such as 128:4,64:8,128:8:64, got {item!r}"
+            )
+        size, k, *of = (int(f) for f in fields)
+        blocks = {"block_sizes": [size], "long_range": False}
+        if size not in windows:
+            windows.add(size)
+            variants.append((f"blocks of {size}, window only", {**blocks, "retrieve": 0}))
+        label = f"blocks of {size}, window + retrieve {k}" + (f" of {of[0]}" if of else "")
+        variants.append((label, {**blocks, "retrieve": k, "retrieve_block": of[0] if of else 0}))
     return variants
 
 
@@ -101,7 +108,7 @@ def main() -> None:
     ap.add_argument(
         "--shapes",
         default="",
-        help="block size:retrieve pairs, e.g. 128:4,64:8 (each with its window-only run); "
+        help="block size:retrieve[:retrieve block], e.g. 128:4,64:8,128:8:64 (each with its window-only run); "
         "replaces --retrieve and --axis-frames",
     )
     ap.add_argument("--repeats", type=int, default=3)
@@ -145,7 +152,8 @@ def main() -> None:
             if settings["retrieve"]:
                 sizes = union_sizes(model, ids)
                 row["union_blocks_mean"] = statistics.mean(sizes)
-                row["far_blocks"] = length // list(settings.get("block_sizes", base["block_sizes"]))[-1] - 2
+                n = list(settings.get("block_sizes", base["block_sizes"]))[-1]
+                row["far_blocks"] = (length // n - 2) * n // (settings.get("retrieve_block") or n)
             rows.append(row)
             print(json.dumps(row), flush=True)
     setattr(model.config, CONFIG_KEY, base)

@@ -30,26 +30,28 @@ def cost():
 
 
 def test_shapes_give_window_and_retrieval_per_block_size(cost):
-    variants = cost.shape_variants("128:4, 64:8")
+    variants = cost.shape_variants("128:4, 64:8, 128:8:64")
     assert [label for label, _ in variants] == [
         "blocks of 128, window only",
         "blocks of 128, window + retrieve 4",
         "blocks of 64, window only",
         "blocks of 64, window + retrieve 8",
+        "blocks of 128, window + retrieve 8 of 64",
     ]
-    assert variants[3][1] == {"block_sizes": [64], "long_range": False, "retrieve": 8}
+    assert variants[3][1] == {"block_sizes": [64], "long_range": False, "retrieve": 8, "retrieve_block": 0}
+    assert variants[4][1] == {"block_sizes": [128], "long_range": False, "retrieve": 8, "retrieve_block": 64}
     assert variants[2][1]["retrieve"] == 0
 
 
-@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b"])
+@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4"])
 def test_bad_shape_names_itself(cost, bad):
     with pytest.raises(SystemExit, match=f"--shapes: .*{bad!r}"):
         cost.shape_variants(f"64:8,{bad}")
 
 
 def test_shape_changed_in_place_reaches_the_chooser(cost, monkeypatch):
-    """After the config swap the model chooses among blocks of the new size: the chooser sees
-    ``n`` and one column per block of that size (L / n), and ``union_sizes`` counts them."""
+    """After the config swap the model chooses among blocks of the new size: the chooser sees the
+    inner block ``n`` and one column per retrieved block (L / m), and ``union_sizes`` counts them."""
     model = tiny_model("llama").float().eval()
     apply_tensorized(model, TensorizedOptions(block_sizes=(16,), sinks=2, local="window", long_range=False, retrieve=1))
     base = dict(getattr(model.config, CONFIG_KEY))
@@ -63,13 +65,14 @@ def test_shape_changed_in_place_reaches_the_chooser(cost, monkeypatch):
         return chosen
 
     monkeypatch.setattr(tb, "select_far_blocks", recording)
-    for label, settings in cost.shape_variants("16:1,8:2"):
+    for label, settings in cost.shape_variants("16:1,8:2,16:2:8"):
         if not settings["retrieve"]:
             continue
         setattr(model.config, CONFIG_KEY, {**base, **settings})
         seen.clear()
         sizes = cost.union_sizes(model, ids)
         n = settings["block_sizes"][0]
-        assert seen and all(entry == (n, 128 // n) for entry in seen), (label, seen)
+        m = settings["retrieve_block"] or n
+        assert seen and all(entry == (n, 128 // m) for entry in seen), (label, seen)
         assert len(sizes) == model.config.num_hidden_layers
-        assert all(0 < size <= 128 // n for size in sizes), (label, sizes)
+        assert all(0 < size <= 128 // m for size in sizes), (label, sizes)
