@@ -40,15 +40,15 @@ def test_greedy_generation_matches_the_no_cache_reference(smollm2_tensorized, pr
 
 
 def test_greedy_generation_with_retrieval_matches_the_no_cache_reference():
-    """The ctxext convert defaults (sinks, window, lse, retrieve=4) on the real SmolLM2: a 300-token
-    prompt puts tokens 256+ beyond the window, where each query reads its chosen far block."""
+    """The ctxext convert defaults (sinks, window, lse, 8 far blocks of 64) on the real SmolLM2: a
+    300-token prompt puts tokens 256+ beyond the window, where each query reads its chosen far blocks."""
     import ctxext
     from ctxext.attention.options import TensorizedOptions
     from ctxext.evaluate.runner import ModelEntry, load_entry
     from ctxext.models import apply_tensorized
 
     model, tokenizer = load_entry(ModelEntry("smollm2", "smollm2"), torch.device("cpu"))
-    apply_tensorized(model, TensorizedOptions(sinks=4, local="window", merge="lse", retrieve=4))
+    apply_tensorized(model, TensorizedOptions(sinks=4, local="window", merge="lse", retrieve=8, retrieve_block=64))
     ids = tokenizer(inspect.getsource(json.decoder), return_tensors="pt").input_ids[:, :300]
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)

@@ -183,3 +183,24 @@ def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward
     assert torch.equal(cached, model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
     bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve-block", "3"])
     assert bad.exit_code != 0 and "--retrieve-block" in bad.output and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [([], (128, 8, 64)), (["--block-sizes", "256"], (256, 8, 64)), (["--block-sizes", "8"], (8, 8, 0)),
+     (["--block-sizes", "64"], (64, 8, 0)), (["--retrieve-block", "32"], (128, 8, 32))],
+)  # fmt: skip
+def test_convert_defaults_to_far_blocks_of_64_where_64_divides_the_inner_block(tmp_path, args, want):
+    """Round 7's default: 8 far blocks of 64 beside a window of two blocks of n (n = 128)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctxext.cli import app
+    from tests.unit.test_convert import _save_source
+
+    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), *args])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "config.json").read_text())["tensorized_attention"]
+    assert (settings["block_sizes"][-1], settings["retrieve"], settings["retrieve_block"]) == want
