@@ -194,6 +194,48 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
+def recall_rows(model, tok, blocks: int, length: int, records: int = 16) -> list[dict]:
+    """Teacher-forced recall of held-out retrieval blocks: one row per recalled code.
+
+    Each row is ``{"distance": tokens from statement to answer, "correct": bool}``; the blocks are
+    ``blocks`` windows of ``length`` tokens of held-out text, ``records`` records each, the same
+    records for every model (fixed seeds).
+    """
+    import torch
+
+    from ctxext.data import iter_documents
+    from ctxext.retrieval_data import retrieval_layout
+
+    torch.manual_seed(0)
+    stream: list[int] = []
+    for text in iter_documents(held_out_data()):
+        stream += tok(text, add_special_tokens=False).input_ids
+        if len(stream) >= blocks * length:
+            break
+    rng = np.random.default_rng([2026, 11])
+    rows = []
+    with torch.no_grad():
+        for b in range(blocks):
+            layout = retrieval_layout(np.asarray(stream[b * length : (b + 1) * length]), tok, records, rng)
+            ids = torch.as_tensor(layout.ids)[None]
+            logits = model(ids, use_cache=False).logits[0]  # (length', vocab)
+            pred = logits.argmax(-1)
+            for start, (a0, a1) in zip(layout.statements, layout.answers):
+                ok = bool((pred[a0 - 1 : a1 - 1] == ids[0, a0:a1]).all())
+                rows.append({"distance": a0 - start, "correct": ok})
+    return rows
+
+
+def recall_split(rows: list[dict], window: int) -> dict[str, dict]:
+    """Accuracy within the exact window (distance <= window) and beyond it: ``{"within"|"beyond": {n, accuracy}}``."""
+    within = [r["correct"] for r in rows if r["distance"] <= window]
+    beyond = [r["correct"] for r in rows if r["distance"] > window]
+    return {
+        "within": {"n": len(within), "accuracy": float(np.mean(within)) if within else None},
+        "beyond": {"n": len(beyond), "accuracy": float(np.mean(beyond)) if beyond else None},
+    }
+
+
 def recall_one(
     source: str,
     out: Path,
@@ -209,30 +251,11 @@ def recall_one(
     """
     import torch
 
-    from ctxext.data import iter_documents
     from ctxext.evaluate.runner import ModelEntry, load_entry
-    from ctxext.retrieval_data import retrieval_layout
 
     torch.manual_seed(0)
     model, tok = load_entry(ModelEntry(label="m", source=source, settings=settings), torch.device("cpu"))
-    stream: list[int] = []
-    for text in iter_documents(held_out_data()):
-        stream += tok(text, add_special_tokens=False).input_ids
-        if len(stream) >= blocks * length:
-            break
-    rng = np.random.default_rng([2026, 11])
-    rows = []
-    with torch.no_grad():
-        for b in range(blocks):
-            layout = retrieval_layout(np.asarray(stream[b * length : (b + 1) * length]), tok, records, rng)
-            ids = torch.as_tensor(layout.ids)[None]
-            logits = model(ids, use_cache=False).logits[0]
-            pred = logits.argmax(-1)
-            for start, (a0, a1) in zip(layout.statements, layout.answers):
-                ok = bool((pred[a0 - 1 : a1 - 1] == ids[0, a0:a1]).all())
-                rows.append({"distance": a0 - start, "correct": ok})
-    within = [r["correct"] for r in rows if r["distance"] <= window]
-    beyond = [r["correct"] for r in rows if r["distance"] > window]
+    rows = recall_rows(model, tok, blocks, length, records)
     result = {
         "source": source,
         "settings": settings or {},
@@ -240,8 +263,7 @@ def recall_one(
         "length": length,
         "records": records,
         "window": window,
-        "within": {"n": len(within), "accuracy": float(np.mean(within)) if within else None},
-        "beyond": {"n": len(beyond), "accuracy": float(np.mean(beyond)) if beyond else None},
+        **recall_split(rows, window),
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -378,8 +378,12 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, step: int, lo
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
-    """Restore a checkpoint written by :func:`save_checkpoint` (tensors only: no pickled objects)."""
+def load_trainable(path: Path, model) -> None:
+    """Copy a checkpoint's trainable tensors (``path/ctxext_trainable.safetensors``) into ``model``.
+
+    ``model`` is built as the run built it (:func:`load_base_model`, then :func:`add_adapter`);
+    a tensor it has no parameter for is an error naming the tensor.
+    """
     from safetensors.torch import load_file
 
     state = load_file(str(path / TRAINABLE_FILE))
@@ -390,6 +394,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    """Restore a checkpoint written by :func:`save_checkpoint` (tensors only: no pickled objects)."""
+    load_trainable(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
