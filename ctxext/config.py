@@ -72,6 +72,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 50  # checkpoint interval in optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # checkpoints left when the run ends, newest first (0: all, for learning curves)
     log_every: int = 1
     loss_chunk: int = 2048  # positions per LM-head chunk (never full-sequence logits)
     resume: bool = False  # continue from the latest checkpoint in output_dir
@@ -298,6 +299,8 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"train.lr: must be > 0, got {t.lr}")
     if t.warmup_steps < 0 or t.save_every < 0:
         errors.append("train.warmup_steps and train.save_every must be >= 0")
+    if t.keep_checkpoints < 0:
+        errors.append(f"train.keep_checkpoints: must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
     if t.schedule not in SCHEDULES:
         errors.append(f"train.schedule: unknown schedule {t.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if t.precision not in PRECISIONS:

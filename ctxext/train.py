@@ -621,7 +621,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         accelerator.wait_for_everyone()
         if main:
             save_checkpoint(output_dir, model, optimizer, scheduler, step, losses)
-            _prune_checkpoints(output_dir, keep=2)
+            _prune_checkpoints(output_dir, keep=recipe.train.keep_checkpoints)
             result.adapter_dir = save_adapter(model, tokenizer, recipe, output_dir / "adapter")
             if merge:
                 result.merged_dir = save_merged(model, tokenizer, output_dir / "merged")
@@ -632,6 +632,9 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
 
 
 def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep`` = 0: delete none)."""
+    if keep <= 0:
+        return
     for path in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 

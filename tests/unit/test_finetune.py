@@ -214,3 +214,18 @@ def test_unsupported_model_fails_before_training(tmp_path):
     with pytest.raises(UnsupportedModelError, match="BloomForCausalLM"):
         finetune(_recipe(tmp_path, f"model.source={tmp_path / 'bloom'}"), log=lambda m: None)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("keep", "left"), [(None, [2, 3]), (1, [3]), (0, [1, 2, 3])])
+def test_keep_checkpoints_decides_what_is_left_when_the_run_ends(tmp_path, keep, left):
+    extra = [] if keep is None else [f"train.keep_checkpoints={keep}"]
+    finetune(_recipe(tmp_path, "train.steps=3", "train.save_every=1", *extra), log=lambda m: None)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == [f"step-{s:06d}" for s in left]
+
+
+def test_a_negative_keep_checkpoints_is_named():
+    from ctxext import config
+
+    with pytest.raises(config.RecipeError, match="train.keep_checkpoints: must be >= 0"):
+        config.load(TINY, ["train.keep_checkpoints=-1"])
