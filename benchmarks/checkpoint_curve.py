@@ -42,18 +42,9 @@ def checkpoint_steps(run: Path, every: int) -> list[int]:
     return [0, *steps]
 
 
-def held_out_sequences(tok, count: int, length: int, skip: int) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens of held-out text, after the first ``skip`` tokens."""
-    from quality_study import held_out_data
-
-    from ctxext.data import iter_documents
-
+def held_out_sequences(stream: list[int], count: int, length: int, skip: int) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens of the held-out ``stream``, after its first ``skip`` tokens."""
     need = skip + count * length
-    stream: list[int] = []
-    for text in iter_documents(held_out_data()):
-        stream += tok(text, add_special_tokens=False).input_ids
-        if len(stream) >= need:
-            break
     if len(stream) < need:
         raise SystemExit(f"held-out text has {len(stream)} tokens; --seqs {count} x --length {length} needs {need}")
     return [stream[skip + i * length : skip + (i + 1) * length] for i in range(count)]
@@ -102,7 +93,7 @@ def build_model(recipe, settings: dict | None):
 
 def score_run(run: Path, steps: list[int], known: dict, args, window: int, log=print) -> dict:
     """Score every step of ``steps`` not in ``known``; returns ``known`` with the new rows (by step)."""
-    from quality_study import recall_rows, recall_split
+    from quality_study import held_out_tokens, recall_rows, recall_split
 
     from ctxext.train import load_trainable
 
@@ -110,14 +101,16 @@ def score_run(run: Path, steps: list[int], known: dict, args, window: int, log=p
     if not todo:
         return known
     model, tok = build_model(load_run_recipe(run), dict(args.settings) or None)
-    seqs = held_out_sequences(tok, args.seqs, args.length, skip=args.recall_blocks * args.length)
+    skip = args.recall_blocks * args.length  # recall reads the first blocks, the loss the ones after
+    stream = held_out_tokens(tok, skip + args.seqs * args.length)  # tokenised once for every step
+    seqs = held_out_sequences(stream, args.seqs, args.length, skip)
     for step in sorted(todo):  # step 0 (the model as built, before training) comes first
         t0 = time.perf_counter()
         if step:
             load_trainable(run / "checkpoints" / f"step-{step:06d}", model)
         row = {"step": step, "loss": held_out_loss(model, seqs)}
         if args.recall_blocks:
-            rows = recall_rows(model, tok, args.recall_blocks, args.length, args.recall_records)
+            rows = recall_rows(model, tok, args.recall_blocks, args.length, args.recall_records, stream)
             row.update(recall_split(rows, window))
         known[str(step)] = row
         beyond = row.get("beyond", {}).get("accuracy")
@@ -131,11 +124,9 @@ def score_run(run: Path, steps: list[int], known: dict, args, window: int, log=p
 
 def train_loss(run: Path, smooth: int) -> list[tuple[int, float]]:
     """(step, running mean of the LM loss over the last ``smooth`` steps) from ``metrics.jsonl``."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x]
-    losses = [(r["step"], r.get("lm_loss", r["loss"])) for r in rows if "transfer_error" not in r]
+    from quality_study import _loss_curve
+
+    losses = _loss_curve({"output_dir": run})
     out = []
     for i, (step, _) in enumerate(losses):
         window = [v for _, v in losses[max(0, i + 1 - smooth) : i + 1]]

@@ -194,24 +194,33 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
-def recall_rows(model, tok, blocks: int, length: int, records: int = 16) -> list[dict]:
+def held_out_tokens(tok, need: int) -> list[int]:
+    """The held-out text (:func:`held_out_data`) as token ids, at least ``need`` of them when it has that many."""
+    from ctxext.data import iter_documents
+
+    stream: list[int] = []
+    for text in iter_documents(held_out_data()):
+        stream += tok(text, add_special_tokens=False).input_ids
+        if len(stream) >= need:
+            break
+    return stream
+
+
+def recall_rows(model, tok, blocks: int, length: int, records: int = 16, stream: list[int] | None = None) -> list[dict]:
     """Teacher-forced recall of held-out retrieval blocks: one row per recalled code.
 
     Each row is ``{"distance": tokens from statement to answer, "correct": bool}``; the blocks are
     ``blocks`` windows of ``length`` tokens of held-out text, ``records`` records each, the same
-    records for every model (fixed seeds).
+    records for every model (fixed seeds). ``stream``: :func:`held_out_tokens` computed once by a
+    caller that scores several models (else tokenised here).
     """
     import torch
 
-    from ctxext.data import iter_documents
     from ctxext.retrieval_data import retrieval_layout
 
     torch.manual_seed(0)
-    stream: list[int] = []
-    for text in iter_documents(held_out_data()):
-        stream += tok(text, add_special_tokens=False).input_ids
-        if len(stream) >= blocks * length:
-            break
+    if stream is None:
+        stream = held_out_tokens(tok, blocks * length)
     rng = np.random.default_rng([2026, 11])
     rows = []
     with torch.no_grad():

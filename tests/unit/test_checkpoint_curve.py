@@ -51,7 +51,9 @@ def test_each_checkpoint_is_scored_with_its_own_weights(tiny_run, tmp_path, caps
     from ctxext.evaluate.runner import ModelEntry, load_entry
 
     model, tok = load_entry(ModelEntry(label="a", source=str(tiny_run / "adapter")), torch.device("cpu"))
-    seqs = curve.held_out_sequences(tok, 2, 512, skip=512)
+    from quality_study import held_out_tokens  # benchmarks/ is on sys.path once the script is loaded
+
+    seqs = curve.held_out_sequences(held_out_tokens(tok, 512 + 2 * 512), 2, 512, skip=512)
     assert curve.held_out_loss(model, seqs) == pytest.approx(scores["4"]["loss"], rel=1e-5)
     # step 0 is the model before training (LoRA's B = 0, norms untouched)
     recipe = curve.load_run_recipe(tiny_run)
