@@ -72,11 +72,14 @@ def load_run_recipe(run: Path):
     return config.load(path)
 
 
-def exact_window(recipe) -> int:
-    """Tokens of the exact local window: two inner blocks (tensorized), or 0 for full attention."""
+def run_window(recipe) -> int:
+    """Tokens of the run's exact local window (``quality_study.exact_window``); 0 for full attention."""
+    from quality_study import exact_window
+
     if recipe.model.attention != "tensorized":
         return 0
-    return 2 * recipe.model.tensorized.get("block_sizes", [128])[-1]
+    options = {"block_sizes": [128], **(recipe.model.tensorized or {})}  # the operator's default block
+    return exact_window(options, 0)
 
 
 def build_model(recipe, settings: dict | None):
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.out} holds scores of another protocol; pass another --out or delete it")
         known = previous["scores"]
     recipe = load_run_recipe(args.run)
-    window = args.recall_window or exact_window(recipe)
+    window = args.recall_window or run_window(recipe)
     known = score_run(args.run, checkpoint_steps(args.run, args.every), known, args, window)
     result = {
         **protocol,

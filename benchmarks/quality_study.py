@@ -158,13 +158,19 @@ def eval_jobs(models_: dict, out: Path, args) -> list[tuple[list[str], Path]]:
     return jobs
 
 
-def recall_window(recipe: dict | None, default: int) -> int:
-    """The exact window of a recipe's model in tokens (2 x block with ``local: window``), else ``default``."""
-    ta = ((recipe or {}).get("raw", {}).get("model") or {}).get("tensorized") or {}
+def exact_window(tensorized: dict | None, default: int) -> int:
+    """Tokens of the exact local window of tensorized attention with these options: two inner blocks
+    with ``local: window``, one with ``local: block`` (the default); ``default`` without block sizes."""
+    ta = tensorized or {}
     if not ta.get("block_sizes"):
         return default
     block = int(ta["block_sizes"][-1])
     return 2 * block if ta.get("local", "block") == "window" else block
+
+
+def recall_window(recipe: dict | None, default: int) -> int:
+    """The exact window of a study recipe's model in tokens (:func:`exact_window`), else ``default``."""
+    return exact_window(((recipe or {}).get("raw", {}).get("model") or {}).get("tensorized"), default)
 
 
 def recall_jobs(models_: dict, out: Path, args, recipes: dict | None = None) -> list[tuple[list[str], Path]]:

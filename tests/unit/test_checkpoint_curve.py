@@ -43,7 +43,7 @@ def test_each_checkpoint_is_scored_with_its_own_weights(tiny_run, tmp_path, caps
     result = json.loads(out.read_text())
     scores = result["scores"]
     assert sorted(scores, key=int) == ["0", "2", "4"]
-    assert result["window"] == 32 and result["tokens_per_step"] == 256 * 2 * 2
+    assert result["window"] == 16 and result["tokens_per_step"] == 256 * 2 * 2
     assert [s for s, _ in result["train_loss"]] == [1, 2, 3, 4]
     assert png.stat().st_size > 1000
 
