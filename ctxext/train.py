@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -378,6 +379,28 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, step: int, lo
     return target
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the lines of ``metrics.jsonl`` logged after ``step``: a run killed after its last
+    checkpoint logged steps that resuming trains again. Replaced atomically; returns how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _logged_step(line: str) -> float:
+    """The step of one ``metrics.jsonl`` line; a half-written line (killed mid-write) counts as later."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def load_trainable(path: Path, model) -> None:
     """Copy a checkpoint's trainable tensors (``path/ctxext_trainable.safetensors``) into ``model``.
 
@@ -536,7 +559,10 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         (output_dir / RECIPE_FILE).write_text(dump(recipe))
     if resume_from is not None:
         step, losses = load_checkpoint(resume_from, model, optimizer, scheduler)
-        log(f"resumed from {resume_from} at step {step}")
+        if main:
+            dropped = truncate_metrics(output_dir / "metrics.jsonl", step)
+            note = f" (dropped {dropped} metrics.jsonl lines logged after it)" if dropped else ""
+            log(f"resumed from {resume_from} at step {step}{note}")
     if trackers:
         accelerator.init_trackers("ctxext", config=_flat(recipe.to_dict()))
 

@@ -55,6 +55,23 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
     assert a == b, "resumed run ended with different weights"
 
 
+def test_resume_after_a_hard_stop_logs_each_step_once(tmp_path, monkeypatch):
+    # killed during step 5 (no Ctrl-C handler runs): the last checkpoint is step 3, but steps 1-4
+    # were logged, and a half-written line may follow; resuming trains 4-6 again
+    _interrupt_at(monkeypatch, 9, RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune(_recipe(tmp_path), log=lambda m: None)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 5, "lo')
+    monkeypatch.undo()
+    messages = []
+    finetune(_recipe(tmp_path, "train.resume=true"), log=messages.append)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert any("at step 3 (dropped 2 metrics.jsonl lines" in m for m in messages), messages
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = train_mod._micro_loss
     calls = {"n": 0}
