@@ -4,6 +4,7 @@ full attention, side by side in one process, and how many far blocks a query blo
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 2,4 --out docs/bench/retrieve_cost.json
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 4 --axis-frames stacked,ordered
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8,128:8:64  # block:retrieve[:of]
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --shapes 128:8:64 --hops  # outer hops on vs off
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
 (``retrieve``, ``long_range``, and ``block_sizes`` with ``--shapes``), and ``sdpa`` runs the same
@@ -67,9 +68,10 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
     return sizes
 
 
-def shape_variants(text: str) -> list[tuple[str, dict]]:
+def shape_variants(text: str, hops: bool = False) -> list[tuple[str, dict]]:
     """``"128:4,64:8,128:8:64"`` -> per block size, the window-only run and the run retrieving that
-    many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``)."""
+    many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``);
+    with ``hops``, each retrieval run again with the tensorized outer hops on (``long_range``)."""
     variants, windows = [], set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         fields = item.split(":")
@@ -84,6 +86,8 @@ def shape_variants(text: str) -> list[tuple[str, dict]]:
             variants.append((f"blocks of {size}, window only", {**blocks, "retrieve": 0}))
         label = f"blocks of {size}, window + retrieve {k}" + (f" of {of[0]}" if of else "")
         variants.append((label, {**blocks, "retrieve": k, "retrieve_block": of[0] if of else 0}))
+        if hops:
+            variants.append((f"{label} + outer hops", {**variants[-1][1], "long_range": True}))
     return variants
 
 
@@ -111,6 +115,7 @@ def main() -> None:
         help="block size:retrieve[:retrieve block], e.g. 128:4,64:8,128:8:64 (each with its window-only run); "
         "replaces --retrieve and --axis-frames",
     )
+    ap.add_argument("--hops", action="store_true", help="with --shapes: each retrieval run also with outer hops")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
@@ -127,7 +132,7 @@ def main() -> None:
     base = dict(getattr(model.config, CONFIG_KEY))
     variants = [("window only", {"retrieve": 0, "long_range": False})]
     if args.shapes:
-        variants = shape_variants(args.shapes)
+        variants = shape_variants(args.shapes, hops=args.hops)
     else:
         variants += [
             (f"window + retrieve {r}", {"retrieve": int(r), "long_range": False}) for r in args.retrieve.split(",")

@@ -43,6 +43,17 @@ def test_shapes_give_window_and_retrieval_per_block_size(cost):
     assert variants[2][1]["retrieve"] == 0
 
 
+def test_hops_twin_each_retrieval_run_with_the_outer_hops_on(cost):
+    variants = cost.shape_variants("128:8:64", hops=True)
+    assert [label for label, _ in variants] == [
+        "blocks of 128, window only",
+        "blocks of 128, window + retrieve 8 of 64",
+        "blocks of 128, window + retrieve 8 of 64 + outer hops",
+    ]
+    assert variants[2][1] == {**variants[1][1], "long_range": True}
+    assert variants[1][1]["long_range"] is False and variants[0][1]["long_range"] is False
+
+
 @pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4"])
 def test_bad_shape_names_itself(cost, bad):
     with pytest.raises(SystemExit, match=f"--shapes: .*{bad!r}"):
