@@ -73,7 +73,14 @@ def convert(
     sinks: Annotated[int, typer.Option(help="Leading tokens every query sees exactly.")] = 4,
     local: Annotated[str, typer.Option(help="block | window (local hop also covers the previous block)")] = "window",
     merge: Annotated[str, typer.Option(help="score | lse | mass")] = "lse",
-    long_range: Annotated[bool, typer.Option(help="Keep the long-range hops (off: window-only control).")] = True,
+    long_range: Annotated[
+        bool,
+        typer.Option(
+            help="Add the tensorized outer hops (the paper's operator). Off by default: beside retrieval they "
+            "carried nothing measurable and cost time (quality study, round 9); off with --retrieve 0: the "
+            "window-only control."
+        ),
+    ] = False,
     summary: Annotated[str, typer.Option(help="token | pooled | learned (far-entry summaries)")] = "token",
     retrieve: Annotated[
         int, typer.Option(help="Far blocks each query also reads exactly (top by a q.k bound; 0: none).")
@@ -104,7 +111,9 @@ def convert(
     quality study's: sinks and the window cut SmolLM2's perplexity before fine-tuning from 37.3
     (the plain operator) to 13.6 at 1,024 tokens; retrieval is the only far path that finds a
     passkey beyond the window (7 of 8 cells zero-shot, none without it); and far blocks of 64
-    recall more than blocks of 128 with the same weights and window (round 7).
+    recall more than blocks of 128 with the same weights and window (round 7). The tensorized outer
+    hops are off (``--long-range`` adds them): trained beside retrieval they recalled no more and
+    fitted no better, and they cost time (round 9).
     """
     from .atomic import OutputExistsError
     from .attention.options import TensorizedConfigError, TensorizedOptions

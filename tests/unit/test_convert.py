@@ -49,7 +49,10 @@ def test_convert_writes_a_model_that_reloads_tensorized(source_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    result, text = _convert(source_dir, out, "--block-sizes", "8,4", "--sinks", "2", "--merge", "lse")
+    # one retrieved block: with 8 (the default) every far block of these 40 tokens is read exactly
+    result, text = _convert(
+        source_dir, out, "--block-sizes", "8,4", "--sinks", "2", "--merge", "lse", "--retrieve", "1"
+    )
     assert result.exit_code == 0, text
     assert "tensorized_attention" in text and "what changed" in text
     config = json.loads((out / "config.json").read_text())
@@ -68,6 +71,15 @@ def test_convert_writes_a_model_that_reloads_tensorized(source_dir, tmp_path):
         torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=2e-5, rtol=1e-4)
         long_ids = torch.randint(1, 120, (1, 40))
         assert (model(long_ids).logits - original(long_ids).logits).abs().max() > 1e-4
+
+
+def test_outer_hops_are_off_unless_asked_for(source_dir, tmp_path):
+    """Round 9: trained beside retrieval the outer hops added nothing, so convert leaves them out."""
+    for args, hops in (((), False), (("--long-range",), True)):
+        out = tmp_path / f"hops-{hops}"
+        result, text = _convert(source_dir, out, "--block-sizes", "8", *args)
+        assert result.exit_code == 0, text
+        assert json.loads((out / "config.json").read_text())["tensorized_attention"]["long_range"] is hops
 
 
 def test_convert_with_rope_scaling(source_dir, tmp_path):
