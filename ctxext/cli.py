@@ -142,6 +142,8 @@ def convert(
             raise TensorizedConfigError("invalid settings:\n  - " + "\n  - ".join(errors))
         if rope_scaling and rope_factor <= 1.0:
             raise ValueError(f"--rope-scaling {rope_scaling} needs --rope-factor > 1 (e.g. --rope-factor 4)")
+        for note in options.advice():
+            console.print(f"[yellow]warning:[/] {note}")
         start = time.time()
         console.print(f"Converting [bold]{model}[/] -> {out}")
         summary = run_convert(

@@ -104,6 +104,17 @@ class TensorizedOptions:
             raise TensorizedConfigError("invalid tensorized attention settings:\n  - " + "\n  - ".join(errors))
         return opts
 
+    def advice(self) -> list[str]:
+        """Valid settings that were measured to hurt, one message each (warn, do not refuse)."""
+        notes = []
+        if self.rope == "axis" and self.long_range:
+            notes.append(
+                "rope=axis with long_range=true: in the axis frame the outer hops roughly doubled SmolLM2's "
+                "perplexity, before and after fine-tuning (quality study, round 9: docs/RESULTS.md); use "
+                "long_range=false (convert: no --long-range) to run past the native context"
+            )
+        return notes
+
     def problems(self, where: str = "tensorized_attention") -> list[str]:
         """Every problem with these settings, as messages naming the key."""
         errors = []

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ def override_settings(model, settings: dict) -> None:
         options = TensorizedOptions.from_dict({**current, **settings}, where="--set")
     except ValueError as err:
         raise EvalError(str(err)) from None
+    for note in options.advice():
+        warnings.warn(f"--set: {note}", UserWarning, stacklevel=2)
     setattr(model.config, CONFIG_KEY, options.to_dict())
 
 

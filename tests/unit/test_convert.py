@@ -82,6 +82,14 @@ def test_outer_hops_are_off_unless_asked_for(source_dir, tmp_path):
         assert json.loads((out / "config.json").read_text())["tensorized_attention"]["long_range"] is hops
 
 
+def test_axis_rope_with_outer_hops_is_converted_with_a_warning(source_dir, tmp_path):
+    result, text = _convert(source_dir, tmp_path / "axis-hops", "--block-sizes", "8", "--rope", "axis", "--long-range")
+    assert result.exit_code == 0, text
+    assert "warning: rope=axis with long_range=true" in text and "round 9" in text
+    result, text = _convert(source_dir, tmp_path / "axis", "--block-sizes", "8", "--rope", "axis")
+    assert result.exit_code == 0 and "warning" not in text, text
+
+
 def test_convert_with_rope_scaling(source_dir, tmp_path):
     result, text = _convert(source_dir, tmp_path / "o", "--rope-scaling", "yarn", "--rope-factor", "4")
     assert result.exit_code == 0, text

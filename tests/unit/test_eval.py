@@ -257,6 +257,22 @@ def test_set_overrides_settings_of_the_model_under_test_only(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_set_rope_axis_on_a_model_with_outer_hops_warns(tmp_path):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from ctxext.evaluate.runner import override_settings
+
+    model = AutoModelForCausalLM.from_pretrained(_tiny_dir(tmp_path))  # the operator's default: outer hops on
+    with pytest.warns(UserWarning, match="--set: rope=axis with long_range=true.*round 9"):
+        override_settings(model, {"rope": "axis"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        override_settings(model, {"rope": "axis", "long_range": False})
+        override_settings(model, {"rope": "absolute", "long_range": True})
+
+
 @pytest.mark.parametrize("scoring", ["teacher", "generate"])
 def test_wrong_answers_are_recorded_with_what_the_model_said(tmp_path, scoring):
     """A random tiny model misses the passkey; the report says what it answered instead."""
