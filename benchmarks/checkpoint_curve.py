@@ -78,8 +78,7 @@ def run_window(recipe) -> int:
 
     if recipe.model.attention != "tensorized":
         return 0
-    options = {"block_sizes": [128], **(recipe.model.tensorized or {})}  # the operator's default block
-    return exact_window(options, 0)
+    return exact_window(recipe.tensorized_options().to_dict(), 0)  # with the operator's defaults filled in
 
 
 def build_model(recipe, settings: dict | None):

@@ -557,17 +557,17 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RECIPE_FILE).write_text(dump(recipe))
+    metrics_path = output_dir / "metrics.jsonl"
     if resume_from is not None:
         step, losses = load_checkpoint(resume_from, model, optimizer, scheduler)
         if main:
-            dropped = truncate_metrics(output_dir / "metrics.jsonl", step)
+            dropped = truncate_metrics(metrics_path, step)
             note = f" (dropped {dropped} metrics.jsonl lines logged after it)" if dropped else ""
             log(f"resumed from {resume_from} at step {step}{note}")
     if trackers:
         accelerator.init_trackers("ctxext", config=_flat(recipe.to_dict()))
 
     tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * data_size
-    metrics_path = output_dir / "metrics.jsonl"
     bar = tqdm(total=t.steps, initial=step, disable=not main, desc="finetune", unit="step", dynamic_ncols=True)
     interrupted = False
     start_time, start_step = time.time(), step
