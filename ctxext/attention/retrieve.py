@@ -98,8 +98,13 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     return ok
 
 
+# The choice scores every far block for every query: ``(B, Hq, Q, nb)`` bounds. Queries are
+# scored in chunks so that this tensor stays below this many elements (128 MiB in float32).
+SELECT_SCORE_BUDGET = 1 << 25
+
+
 @torch.no_grad()
-def select_far_blocks(
+def far_block_index(
     qs: torch.Tensor,
     ks: torch.Tensor,
     key_ok: torch.Tensor,
@@ -107,15 +112,16 @@ def select_far_blocks(
     n: int,
     q_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Which far blocks each query reads exactly.
+    """Which far blocks each query reads exactly, as block numbers.
 
     qs: ``(B, Hq, Q, D)`` queries and ks ``(B, Hkv, L, D)`` keys of slots ``0..L-1``, in the
     selection frame (any positive score scale); key_ok: ``(B, L)`` from :func:`retrievable_keys`;
     q_slots: ``(Q,)`` the queries' slots (None: ``0..L-1``, a whole forward pass); n: the inner
-    block (it sets the local range). Returns ``(B, Hq, Q, nb)`` bool, ``nb = ceil(L / m)`` with
-    ``m = opts.retrieval_block``: True for the (at most) ``opts.retrieve`` eligible blocks of ``m``
-    slots with the highest bound. A block is eligible when it ends before the query's local range
-    starts and holds at least one retrievable key.
+    block (it sets the local range). Returns ``(B, Hq, Q, top)`` long, ``top = min(opts.retrieve,
+    nb)`` with ``nb = ceil(L / m)`` and ``m = opts.retrieval_block``: the (at most) ``opts.retrieve``
+    eligible blocks of ``m`` slots with the highest bound, ``-1`` where fewer are eligible. A block
+    is eligible when it ends before the query's local range starts and holds at least one
+    retrievable key. Queries are scored in chunks (``SELECT_SCORE_BUDGET``): memory ``O(L)``.
     """
     b, hq, n_q, d = qs.shape
     hkv, length = ks.shape[1], ks.shape[2]
@@ -130,19 +136,38 @@ def select_far_blocks(
     has_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb)
     kmax, kmin = kmax.masked_fill(~has_keys[:, None, :, None], 0), kmin.masked_fill(~has_keys[:, None, :, None], 0)
     g = hq // hkv
-    qg = qs.reshape(b, hkv, g * n_q, d)
-    bound = qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)
-    bound = bound.view(b, hq, n_q, nb)  # (B, Hq, Q, nb): max over the block of q . k, bounded
     if q_slots is None:
         q_slots = torch.arange(n_q, device=qs.device)
     start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
-    eligible = (block_end[None, :] <= start[:, None])[None, None] & has_keys[:, None, None, :]  # (B, 1, Q, nb)
-    bound = bound.masked_fill(~eligible, float("-inf"))
     top = min(opts.retrieve, nb)
-    values, index = bound.topk(top, dim=-1)
-    chosen = torch.zeros(b, hq, n_q, nb, dtype=torch.bool, device=qs.device)
-    return chosen.scatter(-1, index, torch.isfinite(values))
+    rows = max(1, SELECT_SCORE_BUDGET // max(1, b * hq * nb))
+    picks = []
+    for first in range(0, n_q, rows):
+        part = slice(first, min(first + rows, n_q))
+        r = part.stop - part.start
+        qg = qs[:, :, part].reshape(b, hkv, g * r, d)
+        bound = qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)
+        bound = bound.view(b, hq, r, nb)  # (B, Hq, R, nb): max over the block of q . k, bounded
+        eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
+        values, index = bound.masked_fill(~eligible, float("-inf")).topk(top, dim=-1)
+        picks.append(torch.where(torch.isfinite(values), index, -1))
+    return torch.cat(picks, dim=2)
+
+
+def select_far_blocks(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    key_ok: torch.Tensor,
+    opts: TensorizedOptions,
+    n: int,
+    q_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`far_block_index` as a mask: ``(B, Hq, Q, nb)`` bool, True for the chosen blocks."""
+    index = far_block_index(qs, ks, key_ok, opts, n, q_slots)
+    nb = math.ceil(ks.shape[2] / opts.retrieval_block)
+    chosen = torch.zeros(*index.shape[:3], nb + 1, dtype=torch.bool, device=qs.device)
+    return chosen.scatter(-1, torch.where(index >= 0, index, nb), True)[..., :nb]  # -1 -> a dropped column
 
 
 def chosen_rank(chosen: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,10 @@ Streams between hops are float32 (float64 for float64 inputs); the result is cas
 Supported by the kernels: both causal modes, rope ``absolute`` and ``axis`` (re-rotation fused),
 ``merge`` ``score``, ``lse`` and ``mass``, ``local`` ``block`` and ``window``, ``long_range`` on
 and off, GQA by index, padding (``valid``), any length, softcap, head dims up to 256,
-float16/bfloat16/float32 (float64 too, meant for tests). ``sinks > 0`` runs on the torch
+float16/bfloat16/float32 (float64 too, meant for tests). Sinks and retrieved far blocks
+(``sinks``, ``retrieve``) are side streams merged into the local hop's streams
+(:mod:`ctxext.attention.side_streams`; retrieval on its own kernel, ``ctxext::ta_retrieve``);
+the hops then run one ``ta_hop`` op each. ``summary`` other than ``token`` runs on the torch
 backend (see :func:`unsupported_reason`).
 
 Deliberately without ``from __future__ import annotations``: ``custom_op`` reads the annotations.
@@ -36,12 +39,8 @@ def unsupported_reason(
     options: TensorizedOptions, dtype: torch.dtype, head_dim: int, device: torch.device
 ) -> str | None:
     """Why the kernels cannot run these settings (None when they can). Needs no triton."""
-    if options.sinks > 0:
-        return f"sinks={options.sinks} is not fused into the kernels yet (sinks=0 runs fused)"
     if options.summary != "token":
         return f"summary={options.summary!r} is not fused into the kernels yet"
-    if options.retrieve:
-        return f"retrieve={options.retrieve} is not fused into the kernels yet"
     if options.merge not in ("score", "lse", "mass"):
         return f"merge={options.merge!r} is not implemented in the kernels"
     if dtype not in KERNEL_DTYPES:
@@ -379,4 +378,52 @@ class _TensorizedChain(torch.autograd.Function):
 def _run_hops(q, k, v, opts: TensorizedOptions, valid, scaling, softcap, inv_freq, positions) -> torch.Tensor:
     """The local hop, then the outer hops from axis m-1 to axis 1: one ``ta_hop`` launch each."""
     plan = _hop_plan(q.shape[-2], q.shape[-1], opts, scaling, softcap)
+    axes = compact_axes(q.shape[-2], opts.block_sizes)
+    retrieve = bool(opts.retrieve) and len(axes) > 1  # as the torch backend: no far block with one axis
+    if opts.sinks > 0 or retrieve:
+        return _run_with_side_streams(q, k, v, opts, valid, softcap, inv_freq, positions, plan, axes[-1], retrieve)
     return _TensorizedChain.apply(q, k, v, valid, positions, inv_freq, plan)
+
+
+def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv_freq, positions, plan, n, retrieve):
+    """The chain with sinks and retrieved far blocks merged into the local hop's streams.
+
+    Each hop is one ``ta_hop`` op (its own autograd); the side streams and the merges are PyTorch
+    (retrieval on ``ctxext::ta_retrieve``), in the streams' float32. Returns ``(B, Hq, L, D)``.
+    """
+    from .retrieve import merge_streams
+    from .side_streams import block_start, local_range_start, retrieved_stream, sink_stream
+
+    b, _, length, _ = q.shape
+    local = plan[0]
+    C, lse_C, Fs, lse_F = ta_hop(q, k, v, None, None, None, valid, None, None, *(local[key] for key in _STATIC))
+    acc = C.dtype
+    ok = valid if valid is not None else torch.ones(b, length, dtype=torch.bool, device=q.device)
+    if valid is not None:  # padding queries: a finite lse (their outputs are zeroed at the end)
+        lse_C = lse_C.masked_fill(~valid[:, None, :], 0.0)
+        if local["has_full"]:
+            lse_F = lse_F.masked_fill(~valid[:, None, :], 0.0)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    pos = positions.to(acc) if positions is not None else torch.arange(length, device=q.device, dtype=acc)[None]
+    pos = pos.expand(b, length)
+    slots = torch.arange(length, device=q.device)
+    side = (ka, va, ok, pos)
+    scale, cap = local["scale"], local["softcap"] or None
+    if opts.sinks > 0:
+        start = local_range_start(slots, n, opts.local == "window")
+        C, lse_C = merge_streams(C, lse_C, *sink_stream(qa, *side, start, opts, scale, cap, inv_freq))
+        if local["has_full"]:
+            sinks_f = sink_stream(qa, *side, block_start(slots, n), opts, scale, cap, inv_freq)
+            Fs, lse_F = merge_streams(Fs, lse_F, *sinks_f)
+    if retrieve:
+        retrieved = retrieved_stream(qa, ka, va, ok, pos, opts, n, scale, cap, inv_freq, fused=True)
+        C, lse_C = merge_streams(C, lse_C, *retrieved)
+    streams = (C, lse_C, Fs, lse_F)
+    for hop in plan[1:]:
+        vm, vd, lse_ci, lse_fi = _hop_inputs(hop, v, streams)
+        pos_h, freq = (positions, inv_freq) if hop["rope"] else (None, None)
+        streams = ta_hop(q, k, vm, vd, lse_ci, lse_fi, valid, pos_h, freq, *(hop[key] for key in _STATIC))
+    out = streams[0]
+    if valid is not None:
+        out = out * valid[:, None, :, None].to(out.dtype)
+    return out.to(q.dtype)

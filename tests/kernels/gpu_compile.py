@@ -22,9 +22,12 @@ DTYPES = {
     torch.bfloat16: "*bf16",
     torch.float16: "*fp16",
     torch.uint8: "*u8",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
 }
 
-# (dtype, head dim, block_sizes, N, causal, rope, merge, local): realistic tiles, every flag combination
+# (dtype, head dim, block_sizes, N, causal, rope, merge, local[, more options]): realistic tiles,
+# every flag combination; the last two add sinks and retrieved far blocks (side streams)
 CONFIGS = [
     (torch.bfloat16, 128, (64,), 200, "complete", "axis", "score", "block"),
     (torch.float16, 64, (32, 16), 700, "dominance", "absolute", "lse", "block"),
@@ -33,12 +36,16 @@ CONFIGS = [
     (torch.bfloat16, 80, (128,), 300, "dominance", "axis", "score", "block"),
     (torch.bfloat16, 128, (64,), 300, "complete", "axis", "mass", "window"),
     (torch.float16, 64, (32,), 100, "dominance", "absolute", "score", "window"),
-]
+    (torch.bfloat16, 64, (128,), 700, "complete", "axis", "lse", "window",
+     dict(sinks=4, retrieve=8, retrieve_block=64, long_range=False)),
+    (torch.float16, 128, (32,), 300, "complete", "absolute", "lse", "window", dict(sinks=4, retrieve=2, softcap=0)),
+]  # fmt: skip
 
 
 def capture_launches() -> list[tuple]:
     """Run forward + backward of every config with launches captured: [(jit fn, args, kwargs)]."""
     from ctxext._kernels import launch
+    from ctxext._kernels import retrieve as retrieve_kernels
     from ctxext.attention.options import TensorizedOptions
     from ctxext.attention.triton_backend import triton_tensorized_attention
 
@@ -53,17 +60,21 @@ def capture_launches() -> list[tuple]:
 
     for name in ("hop_fwd_kernel", "hop_dq_kernel", "hop_dkdv_kernel"):
         setattr(launch, name, Capture(getattr(launch, name)))
-    for dtype, dim, block_sizes, n, causal, rope, merge, local in CONFIGS:
+    for name in ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"):
+        setattr(retrieve_kernels, name, Capture(getattr(retrieve_kernels, name)))
+    for dtype, dim, block_sizes, n, causal, rope, merge, local, *more in CONFIGS:
+        more = dict(more[0]) if more else {}
+        softcap = more.pop("softcap", 30.0)
         q = torch.randn(1, 4, n, dim, dtype=dtype, requires_grad=True)
         k = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
         v = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
-        opts = TensorizedOptions(block_sizes=block_sizes, causal=causal, rope=rope, merge=merge, local=local)
+        opts = TensorizedOptions(block_sizes=block_sizes, causal=causal, rope=rope, merge=merge, local=local, **more)
         opts = opts.validate()
         valid = torch.ones(1, n, dtype=torch.bool)
         valid[0, -3:] = False
         inv_freq = 1.0 / 10000 ** (torch.arange(0, dim - dim % 32, 2) / dim) if rope == "axis" else None
         out = triton_tensorized_attention(
-            q, k, v, opts, valid=valid, inv_freq=inv_freq, positions=torch.arange(n)[None] + 3, softcap=30.0
+            q, k, v, opts, valid=valid, inv_freq=inv_freq, positions=torch.arange(n)[None] + 3, softcap=softcap
         )
         out.float().sum().backward()
     return captured

@@ -144,10 +144,18 @@ def test_public_api_with_padding_matches_torch_backend(opts):
         oc.assert_close(a, b, 1e-11, f"api {what}")
 
 
+HALF_CASES = {
+    "hops-axis-lse": dict(causal="complete", rope="axis", merge="lse"),
+    "sinks-window-retrieve-axis": dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2,
+                                       rope="axis"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HALF_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_error_at_most_twice_torch_backend(dtype):
+def test_half_precision_error_at_most_twice_torch_backend(dtype, case):
     """Invariant 8: kernel error vs a float64 reference <= 2x the torch backend's error in the same dtype."""
-    block_sizes, n, opts = (4, 4), 37, dict(causal="complete", rope="axis", merge="lse")
+    block_sizes, n, opts = (4, 4), 37, HALF_CASES[case]
     q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n, dim=16, seed=9)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(10), dtype=F64)
     want = _grads(lambda q, k, v: oc.run_slots("reference", q, k, v, block_sizes, opts), q, k, v, weight)
@@ -162,7 +170,11 @@ def test_half_precision_error_at_most_twice_torch_backend(dtype):
         assert err <= 2 * ref_err + 1e-3, f"{dtype} {what}: kernel error {err:.3e} > 2 x torch error {ref_err:.3e}"
 
 
-@pytest.mark.parametrize("opts", [dict(sinks=2), dict(sinks=1, local="window")], ids=["sinks", "sinks-window"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(summary="pooled", merge="lse", rope="axis"), dict(summary="learned", merge="mass", rope="axis")],
+    ids=["pooled", "learned"],
+)
 def test_unsupported_options_fall_back_with_one_warning(opts, monkeypatch):
     from ctxext.attention import ops
 
@@ -244,3 +256,107 @@ def test_build_failure_falls_back_to_torch_once(monkeypatch):
     assert torch.equal(a, oc.run_slots("torch", q, k, v, (4,), {}))
     with pytest.warns(UserWarning, match="OutOfResources"):  # the public path now routes to torch, saying why
         assert ops.resolve_backend("triton", q.device, oc.options((4,)), q.dtype, 8) == "torch"
+
+
+# Sinks and retrieved far blocks: side streams merged into the local hop (ctxext/attention/side_streams.py).
+# name: (block_sizes, n, (Hq, Hkv), options, softcap)
+SIDE_STREAM_CASES = {
+    "b8-n37-sinks-window-localonly": ((8,), 37, (4, 2), dict(sinks=2, local="window", long_range=False), None),
+    "b4x4-n45-default-shape-axis-softcap": (
+        (4, 4), 45, (4, 2), dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, rope="axis"),
+        1.5,
+    ),
+    "b3x4-n37-hops-lse-sinks-retrieve-axis": (
+        (3, 4), 37, (2, 1), dict(sinks=3, local="window", merge="lse", retrieve=2, rope="axis"), None,
+    ),
+    "b4x4-n33-dominance-sinks-retrieve-softcap": (
+        (4, 4), 33, (2, 2), dict(causal="dominance", sinks=1, retrieve=1), 2.0,
+    ),
+    "b4x4-n45-ordered-frame": (
+        (4, 4), 45, (2, 1), dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, rope="axis",
+                                 retrieve_frame="ordered"), None,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SIDE_STREAM_CASES))
+def test_side_streams_match_reference_float64(name):
+    """Sinks and retrieval (the shipped default's shape) on the kernels: output and gradients."""
+    block_sizes, n, (hq, hkv), opts, softcap = SIDE_STREAM_CASES[name]
+    q, k, v = oc.make_qkv(batch=1, hq=hq, hkv=hkv, n=n, dim=8, seed=3)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    got = _grads(lambda q, k, v: triton_slots(q, k, v, block_sizes, opts, softcap=softcap), q, k, v, weight)
+    want = _grads(
+        lambda q, k, v: oc.run_slots("reference", q, k, v, block_sizes, opts, softcap=softcap), q, k, v, weight
+    )
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        oc.assert_close(a, b, 1e-11, f"{name} {what}")
+
+
+def test_side_streams_with_padding_match_torch_backend():
+    """Left padding, holes (a padding query's streams must stay finite through the merges), sinks, retrieval."""
+    n = 29
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=n, dim=8, seed=7)
+    mask, pos = oc.left_padding([n, n - 6], n)
+    mask[0, [3, 4, 17]] = 0
+    opts = dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, rope="axis")
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(8), dtype=F64)
+    kw = dict(padding_mask=mask, position_ids=pos, softcap=3.0)
+    got = _grads(lambda q, k, v: oc.run_api("triton", q, k, v, (4,), opts, **kw), q, k, v, weight)
+    want = _grads(lambda q, k, v: oc.run_api("torch", q, k, v, (4,), opts, **kw), q, k, v, weight)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), f"padded side streams {what}: not finite"
+        oc.assert_close(a, b, 1e-11, f"padded side streams {what}")
+
+
+def test_retrieve_kernel_matches_masked_union_with_lse_gradient():
+    """``ctxext::ta_retrieve`` alone against the PyTorch path: holes in the keys, GQA, softcap, a loss on the lse."""
+    from ctxext.attention.options import TensorizedOptions
+    from ctxext.attention.retrieve import far_block_index, retrievable_keys, retrieved_attention, select_far_blocks
+    from ctxext.attention.triton_retrieve import ta_retrieve
+
+    n_slots, block, m = 45, 8, 4
+    opts = TensorizedOptions(block_sizes=(block,), retrieve=3, retrieve_block=m, sinks=2, local="window").validate()
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=n_slots, dim=8, seed=17)
+    valid = torch.ones(1, n_slots, dtype=torch.bool)
+    valid[0, [5, 20]] = False
+    key_ok = retrievable_keys(valid, opts.sinks)
+    index = far_block_index(q, k, key_ok, opts, block).to(torch.int32)
+    chosen = select_far_blocks(q, k, key_ok, opts, block)
+    assert (index >= 0).sum() == chosen.sum() > 0 and (index < 0).any()  # some queries choose fewer than 3
+    gen = torch.Generator().manual_seed(18)
+    w_out, w_lse = torch.randn(q.shape, generator=gen, dtype=F64), torch.randn(q.shape[:3], generator=gen, dtype=F64)
+
+    def run(fn):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        out, lse = fn(qq, kk, vv)
+        some = torch.isfinite(lse)
+        loss = (out * w_out).sum() + (torch.where(some, lse, 0.0) * w_lse).sum()
+        return (out, torch.where(some, lse, 0.0), *torch.autograd.grad(loss, (qq, kk, vv)))
+
+    got = run(lambda q, k, v: ta_retrieve(q, k, v, index, key_ok, m, 0.3, 1.5))
+    want = run(lambda q, k, v: retrieved_attention(q * 0.3, k, v, chosen, key_ok, m, 1.5))
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        oc.assert_close(a, b, 1e-12, f"ta_retrieve {what}")
+
+
+def test_query_lists_invert_the_choice():
+    from ctxext._kernels.retrieve import query_lists
+
+    chosen = [[[2, 0], [-1, -1], [2, -1]], [[1, -1], [0, 1], [-1, -1]]]  # (head, query, choice)
+    index = torch.tensor([chosen], dtype=torch.int32)  # (1, 2, 3, 2)
+    offsets, slots = query_lists(index, nb=3)
+    lists = [slots[offsets[i] : offsets[i + 1]].tolist() for i in range(6)]
+    assert lists == [[0], [], [0, 2], [1], [0, 1], []]  # head 0: blocks 0, 1, 2; head 1: blocks 0, 1, 2
+
+
+def test_retrieve_custom_op_registration_passes_opcheck():
+    from ctxext.attention.triton_retrieve import ta_retrieve
+
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=12, dim=8, seed=19, dtype=torch.float32, requires_grad=True)
+    index = torch.tensor([-1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 1, 2], dtype=torch.int32).view(1, 1, 12, 1)
+    index = index.expand(1, 2, 12, 1).contiguous()
+    key_ok = torch.ones(1, 12, dtype=torch.bool)
+    args = (q, k, v, index, key_ok, 2, 0.5, 0.0)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ta_retrieve, args, test_utils=checks)

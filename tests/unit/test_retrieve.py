@@ -138,9 +138,16 @@ def test_bad_retrieve_is_named(bad):
         TensorizedOptions.from_dict({"retrieve": bad})
 
 
-def test_kernels_name_retrieve_as_unsupported():
-    reason = unsupported_reason(TensorizedOptions(retrieve=2), torch.float32, 64, torch.device("cpu"))
-    assert reason is not None and "retrieve=2" in reason
+def test_kernels_run_the_shipped_default_and_name_what_they_do_not():
+    """The recipes' attention (sinks, window, 8 far blocks of 64, no outer hops) runs fused on CUDA;
+    ``summary`` other than ``token`` is still named as unsupported."""
+    cuda = torch.device("cuda")
+    default = TensorizedOptions(block_sizes=(128,), sinks=4, local="window", long_range=False, retrieve=8,
+                                retrieve_block=64).validate()  # fmt: skip
+    assert unsupported_reason(default, torch.bfloat16, 64, cuda) is None
+    pooled = TensorizedOptions(summary="pooled", merge="lse", retrieve=2).validate()
+    reason = unsupported_reason(pooled, torch.bfloat16, 64, cuda)
+    assert reason is not None and "summary='pooled'" in reason
 
 
 def test_convert_option_reaches_the_model_and_generation_with_the_cache_matches_without(tmp_path):
@@ -269,3 +276,27 @@ def test_convert_names_a_bad_retrieve_frame_as_its_flag(tmp_path):
     bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve-frame", "sorted"])
     assert bad.exit_code != 0 and "--retrieve-frame: unknown mode 'sorted'" in bad.output, bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_choice_is_the_same_when_made_in_chunks_of_queries(monkeypatch):
+    """``far_block_index`` scores queries in chunks (memory O(L), not O(L * L / m)); the chunk size
+    changes nothing, and :func:`select_far_blocks` is the same choice as a mask."""
+    from ctxext.attention import retrieve
+
+    n, block = 70, 8
+    q, k, _ = oc.make_qkv(batch=2, hq=4, hkv=2, n=n, seed=21)
+    o = oc.options((block,), sinks=2, local="window", long_range=False, retrieve=3, retrieve_block=4)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, 30:38] = False  # block 30..37 of m=4 has no retrievable key in row 1
+    key_ok = retrievable_keys(valid, o.sinks)
+    whole = retrieve.far_block_index(q, k, key_ok, o, block)
+    assert whole.shape == (2, 4, n, 3) and (whole == -1).any() and (whole >= 0).any()
+    for budget in (1, 2 * 4 * 18 * 5):  # one query per chunk; 5 queries per chunk (n = 70 is not a multiple)
+        monkeypatch.setattr(retrieve, "SELECT_SCORE_BUDGET", budget)
+        assert torch.equal(retrieve.far_block_index(q, k, key_ok, o, block), whole)
+    mask = select_far_blocks(q, k, key_ok, o, block)
+    rebuilt = torch.zeros_like(mask)
+    for idx in zip(*torch.nonzero(whole >= 0, as_tuple=True)):
+        rebuilt[idx[:3] + (whole[idx],)] = True
+    assert torch.equal(mask, rebuilt)
+    assert not mask[1, :, :, 30 // 4 + 1].any()  # blocks 8 (slots 32..35) hold no retrievable key in row 1
