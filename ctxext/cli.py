@@ -603,6 +603,16 @@ def bench(
     sinks: Annotated[int | None, typer.Option(help="Tensorized attention sinks.")] = None,
     local: Annotated[str | None, typer.Option(help="block | window")] = None,
     merge: Annotated[str | None, typer.Option(help="score | lse | mass")] = None,
+    rope: Annotated[str | None, typer.Option(help="absolute | axis")] = None,
+    long_range: Annotated[
+        bool | None, typer.Option("--long-range/--no-long-range", help="Tensorized outer hops on or off.")
+    ] = None,
+    retrieve: Annotated[
+        int | None, typer.Option(help="Far blocks each query reads exactly (the shipped recipes: 8).")
+    ] = None,
+    retrieve_block: Annotated[
+        int | None, typer.Option(help="Slots per retrieved far block (the shipped recipes: 64; 0: the inner block).")
+    ] = None,
     grad_checkpointing: Annotated[
         str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
     ] = None,
@@ -619,7 +629,8 @@ def bench(
     """Time and peak memory of tensorized attention vs SDPA (and FlashAttention-2), operator and whole model."""
     from .bench.runner import BenchError, BenchSpec, command_line, run_bench
 
-    options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge}
+    options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge, "rope": rope}
+    options |= {"long_range": long_range, "retrieve": retrieve, "retrieve_block": retrieve_block}
     try:
         if block_sizes is not None:
             options["block_sizes"] = parse_block_sizes(block_sizes)

@@ -99,8 +99,8 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
 
 
 # The choice scores every far block for every query: ``(B, Hq, Q, nb)`` bounds. Queries are
-# scored in chunks so that this tensor stays below this many elements (128 MiB in float32).
-SELECT_SCORE_BUDGET = 1 << 25
+# scored in chunks so that this tensor stays below this many elements (32 MiB in float32).
+SELECT_SCORE_BUDGET = 1 << 23
 
 
 @torch.no_grad()

@@ -22,8 +22,10 @@ from .sources import attention_shapes
 MODES = ("fwd", "fwdbwd")
 
 
-def attention_call(method: Method, options) -> Any:
-    """``fn(q, k, v) -> (B, Hq, N, D)`` for ``method``; inputs ``(B, H, N, D)``."""
+def attention_call(method: Method, options, inv_freq: torch.Tensor | None = None) -> Any:
+    """``fn(q, k, v) -> (B, Hq, N, D)`` for ``method``; inputs ``(B, H, N, D)``.
+
+    inv_freq: ``(r/2,)`` RoPE inverse frequencies of the model (``rope="axis"`` needs them)."""
     if method.kind == "sdpa":
         import torch.nn.functional as F
 
@@ -41,6 +43,8 @@ def attention_call(method: Method, options) -> Any:
     from ..attention.ops import tensorized_attention
 
     kwargs = dataclasses.replace(options, backend=method.backend).to_dict()
+    if options.rope == "axis":
+        kwargs["rope_inv_freq"] = inv_freq.to(torch.float32)
 
     def ta(q, k, v):
         return tensorized_attention(q, k, v, **kwargs)
@@ -103,10 +107,15 @@ def run(ctx) -> list[dict[str, Any]]:
     }
     problems = {m.name: method_problem(m, ctx.device, ctx.options, ctx.dtype, d) for m in ctx.methods}
     fns = {}
+    inv_freq = None
+    if ctx.options.rope == "axis":
+        from ..attention.rope import inv_freq_from_config
+
+        inv_freq = inv_freq_from_config(ctx.config).to(ctx.device)
     for m in ctx.methods:
         if problems[m.name] is None:
             try:
-                fns[m.name] = attention_call(m, ctx.options)
+                fns[m.name] = attention_call(m, ctx.options, inv_freq)
             except ImportError as err:
                 problems[m.name] = describe_error(err)
     too_slow: dict[tuple[str, str], str] = {}

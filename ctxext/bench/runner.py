@@ -342,6 +342,9 @@ def command_line(spec: BenchSpec) -> str:
         if value is not None and (value != getattr(default, name) or name == "model"):
             args += ["--" + name.replace("_", "-"), str(value)]
     for key, value in spec.options.items():
+        if isinstance(value, bool):  # a --flag/--no-flag pair
+            args.append(("--" if value else "--no-") + key.replace("_", "-"))
+            continue
         if isinstance(value, (tuple, list)):
             value = ",".join(str(v) for v in value)
         args += ["--" + key.replace("_", "-"), str(value)]

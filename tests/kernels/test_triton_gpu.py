@@ -111,3 +111,22 @@ def test_public_api_left_padding_and_auto_backend():
     ref_err = (control.double() - want).abs().max().item()
     assert err <= 2 * ref_err + 1e-3
     assert got[1, :, :37].abs().max() == 0  # padding tokens get zeros
+
+
+SHIPPED = dict(sinks=4, local="window", long_range=False, retrieve=8, retrieve_block=64)  # recipes/*.yaml
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [SHIPPED, dict(SHIPPED, rope="axis"), dict(SHIPPED, long_range=True, merge="lse", retrieve=2)],
+    ids=["shipped", "shipped-axis", "hops-lse-retrieve2"],
+)
+def test_shipped_attention_sinks_and_retrieval_bf16(opts):
+    """The recipes' attention on the kernels (sinks and retrieval as side streams), forward and grads."""
+    assert_within_twice_torch(torch.bfloat16, (128,), 2049, 64, opts, softcap=30.0)
+
+
+def test_shipped_attention_runs_fused_under_auto():
+    from ctxext.attention import ops
+
+    assert ops.resolve_backend("auto", CUDA, oc.options((128,), **SHIPPED), torch.bfloat16, 64) == "triton"

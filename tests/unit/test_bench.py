@@ -115,6 +115,7 @@ def test_outputs_table_json_png(tiny_run):
         (["--backends", "cuda"], "--backends: unknown tensorized backend 'cuda'"),
         (["--causal", "sideways"], "--causal: unknown mode 'sideways'"),
         (["--block-sizes", "16,a"], "--block-sizes: 'a' is not an integer"),
+        (["--block-sizes", "16", "--retrieve", "2", "--retrieve-block", "5"], "--retrieve-block"),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path, args, message):
@@ -132,6 +133,24 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
     assert result.exit_code == 2, text
     assert message in text
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_the_shipped_attention_is_benchmarked_as_asked(tmp_path):
+    """The recipes' attention (sinks, window, no outer hops, retrieved far blocks) reaches the
+    timed operator, and the recorded command reproduces it (boolean flags as --flag / --no-flag)."""
+    result, text = invoke(
+        "--model", "tiny-random:llama", "--lengths", "96", "--what", "attention", "--device", "cpu",
+        "--block-sizes", "16", "--sinks", "4", "--local", "window", "--no-long-range", "--retrieve", "2",
+        "--retrieve-block", "8", "--rope", "axis", "--threads", "1", "--repeats", "1", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, text
+    data = json.loads((tmp_path / "bench.json").read_text())
+    opts = data["tensorized_options"]
+    assert (opts["retrieve"], opts["retrieve_block"], opts["long_range"], opts["sinks"]) == (2, 8, False, 4)
+    assert opts["rope"] == "axis"
+    assert "--no-long-range --retrieve 2 --retrieve-block 8" in data["command"]
+    cells = [c for c in data["cells"] if c.get("method") == "ta-torch"]
+    assert cells and all(not c.get("error") and c["median_s"] > 0 for c in cells)
 
 
 def test_parse_lengths():
