@@ -212,13 +212,23 @@ def held_out_tokens(tok, need: int) -> list[int]:
     return stream
 
 
-def recall_rows(model, tok, blocks: int, length: int, records: int = 16, stream: list[int] | None = None) -> list[dict]:
+def recall_rows(
+    model,
+    tok,
+    blocks: int,
+    length: int,
+    records: int = 16,
+    stream: list[int] | None = None,
+    with_positions: bool = False,
+) -> list[dict]:
     """Teacher-forced recall of held-out retrieval blocks: one row per recalled code.
 
     Each row is ``{"distance": tokens from statement to answer, "correct": bool}``; the blocks are
     ``blocks`` windows of ``length`` tokens of held-out text, ``records`` records each, the same
     records for every model (fixed seeds). ``stream``: :func:`held_out_tokens` computed once by a
-    caller that scores several models (else tokenised here).
+    caller that scores several models (else tokenised here). with_positions: rows also carry
+    ``block`` (which forward pass), ``statement`` ``[start, end)`` and ``answer`` ``[start, end)``
+    token offsets.
     """
     import torch
 
@@ -235,9 +245,12 @@ def recall_rows(model, tok, blocks: int, length: int, records: int = 16, stream:
             ids = torch.as_tensor(layout.ids)[None]
             logits = model(ids, use_cache=False).logits[0]  # (length', vocab)
             pred = logits.argmax(-1)
-            for start, (a0, a1) in zip(layout.statements, layout.answers):
+            spans = zip(layout.statements, layout.statement_lengths, layout.answers)
+            for start, size, (a0, a1) in spans:
                 ok = bool((pred[a0 - 1 : a1 - 1] == ids[0, a0:a1]).all())
                 rows.append({"distance": a0 - start, "correct": ok})
+                if with_positions:
+                    rows[-1].update(block=b, statement=[start, start + size], answer=[a0, a1])
     return rows
 
 

@@ -33,12 +33,14 @@ class RetrievalBlock:
     """A retrieval block: ``ids`` ``(L,)`` and, per record, where it is stated and recalled.
 
     statements[r]: token offset where record r's statement starts; answers[r]: ``(start, end)``
-    token offsets of the code in its recall (the tokens a model must retrieve).
+    token offsets of the code in its recall (the tokens a model must retrieve); statement_lengths[r]:
+    tokens in record r's statement.
     """
 
     ids: np.ndarray
     statements: list[int]
     answers: list[tuple[int, int]]
+    statement_lengths: list[int]
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -89,7 +91,7 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
         answers[i] = (len(out), len(out) + len(code))
         out += code + stop
     assert len(out) == length
-    return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers)
+    return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers, [len(s) for s in statements])
 
 
 def mix_retrieval(blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int) -> np.ndarray:

@@ -32,10 +32,10 @@ def test_layout_states_and_recalls_every_record_at_the_recorded_offsets():
     assert len(stated) == 5 and sorted(stated) == sorted(recalled), "every statement is recalled once"
     assert [p for p in recalled] != [p for p in stated], "recalls come in a new order"
     assert text.endswith("."), "the block ends with the last recall"
-    for start, (a0, a1) in zip(block.statements, block.answers):
-        statement = tok.decode(block.ids[start : start + 25])
+    for start, size, (a0, a1) in zip(block.statements, block.statement_lengths, block.answers):
+        statement = tok.decode(block.ids[start : start + size])
         code = tok.decode(block.ids[a0:a1]).strip()
-        assert statement.startswith(" Record ") and code in statement, (statement, code)
+        assert re.fullmatch(r" Record [A-Z]{4} holds \d{5}\.", statement) and code in statement, (statement, code)
         assert a0 > start and tok.decode(block.ids[a0 - 6 : a0]).endswith("holds")
     assert max(block.statements) < 0.9 * 1024, "statements lie in the text part"
 
