@@ -32,7 +32,7 @@ NEG_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d, BLOCK_M: tl.constexpr):
+def _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d):
     """Keys and values ``(BLOCK_M, BLOCK_D)`` of far block ``blk`` (< 0: none) and which slots are keys."""
     slots = blk * M + offs_m
     ok = (offs_m < M) & (slots >= 0) & (slots < L)  # slots >= 0 iff blk >= 0
@@ -45,27 +45,41 @@ def _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d, BLOCK_M: tl.cons
 
 
 @triton.jit
+def _query(Q, L, D, HQ, G, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query (grid ``(L, B * HQ)``): batch, row in ``(B * HQ * L)``, key-head row base, q."""
+    bh = tl.program_id(1)
+    b = bh // HQ
+    q_row = bh.to(tl.int64) * L + tl.program_id(0)
+    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + q_row * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
+    return b, q_row, kv_base, offs_d, q
+
+
+@triton.jit
+def _chosen(q, K, V, IDX, KOK, kv_base, b, q_row, j, NCHOSEN, L, D, M, offs_m, offs_d, scale, softcap,
+            SOFTCAP: tl.constexpr):  # fmt: skip
+    """The query's j-th chosen block: keys, values, key mask and (soft-capped) scores ``(BLOCK_M,)``."""
+    blk = tl.load(IDX + q_row * NCHOSEN + j)
+    k, v, ok = _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d)
+    s = capped(tl.sum(k * q[None, :], 1) * scale, softcap, SOFTCAP)
+    return k, v, ok, s
+
+
+@triton.jit
 def retrieve_fwd_kernel(
     Q, K, V, IDX, KOK, OUT, LSE,
     L, D, HQ, G, NCHOSEN, M, scale, softcap,
     SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    offs_d = tl.arange(0, BLOCK_D)
+    b, q_row, kv_base, offs_d, q = _query(Q, L, D, HQ, G, ACC, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    q_row = bh.to(tl.int64) * L + row
-    kv_base = (b.to(tl.int64) * (HQ // G) + h // G) * L
-    q = tl.load(Q + q_row * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
     m_i = tl.full([1], NEG_INIT, dtype=ACC)
     l_i = tl.zeros([1], dtype=ACC)
     acc = tl.zeros([BLOCK_D], dtype=ACC)
     for j in range(NCHOSEN):
-        blk = tl.load(IDX + q_row * NCHOSEN + j)
-        k, v, ok = _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d, BLOCK_M)
-        s = capped(tl.sum(k * q[None, :], 1) * scale, softcap, SOFTCAP)  # (BLOCK_M,)
+        k, v, ok, s = _chosen(q, K, V, IDX, KOK, kv_base, b, q_row, j, NCHOSEN, L, D, M, offs_m, offs_d, scale,
+                              softcap, SOFTCAP)  # fmt: skip
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp(m_i - m_new)
@@ -87,24 +101,16 @@ def retrieve_dq_kernel(
     L, D, HQ, G, NCHOSEN, M, scale, softcap,
     SOFTCAP: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    offs_d = tl.arange(0, BLOCK_D)
+    b, q_row, kv_base, offs_d, q = _query(Q, L, D, HQ, G, ACC, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    q_row = bh.to(tl.int64) * L + row
-    kv_base = (b.to(tl.int64) * (HQ // G) + h // G) * L
-    q = tl.load(Q + q_row * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
     do = tl.load(DO + q_row * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
     lse = tl.load(LSE + q_row + tl.arange(0, 1))
     lse = tl.where(lse > float("-inf"), lse, 0.0)  # chose nothing: every key is masked anyway
     delta = tl.load(DELTA + q_row + tl.arange(0, 1))
     dq = tl.zeros([BLOCK_D], dtype=ACC)
     for j in range(NCHOSEN):
-        blk = tl.load(IDX + q_row * NCHOSEN + j)
-        k, v, ok = _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d, BLOCK_M)
-        s = capped(tl.sum(k * q[None, :], 1) * scale, softcap, SOFTCAP)
+        k, v, ok, s = _chosen(q, K, V, IDX, KOK, kv_base, b, q_row, j, NCHOSEN, L, D, M, offs_m, offs_d, scale,
+                              softcap, SOFTCAP)  # fmt: skip
         p = tl.where(ok, tl.exp(s - lse), 0.0)
         dp = tl.sum(v * do[None, :], 1)
         ds = cap_grad(p * (dp - delta), s, softcap, SOFTCAP)
@@ -128,7 +134,7 @@ def retrieve_dkdv_kernel(
     offs_q = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < D
     kv_base = (b.to(tl.int64) * (HQ // G) + h // G) * L
-    k, v, ok = _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d, BLOCK_M)
+    k, v, ok = _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d)
     k, v = k.to(ACC), v.to(ACC)
     list_at = bh.to(tl.int64) * NB + blk
     first = tl.load(QOFF + list_at)
