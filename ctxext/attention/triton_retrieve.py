@@ -9,11 +9,9 @@ Deliberately without ``from __future__ import annotations``: ``custom_op`` reads
 
 import torch
 
+from .triton_backend import _acc  # the accumulation dtype of the hop ops, shared
+
 Tensor = torch.Tensor
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("ctxext::ta_retrieve", mutates_args=())
