@@ -32,7 +32,9 @@ reverse all-to-all). Computation, and what is sent, is float32 (or the input's w
 like the torch backend, whose hop functions this module reuses. Cost per call: one small
 all-gather (the digest) and 2 all-to-alls (3 with sinks or a window). Unsupported (clear
 errors): padding masks, fewer queries than keys (decoding), fewer outer blocks or query heads
-than ranks; the ``backend`` option is ignored here (warned once).
+than ranks, far-block retrieval (``retrieve > 0``) and summaries other than ``token`` (the
+shards would silently run another operator); the ``backend`` option is ignored here (warned
+once).
 """
 
 from __future__ import annotations
@@ -281,6 +283,13 @@ def context_parallel_attention(
         )
     if opts.rope == "axis" and rope_inv_freq is None:
         raise ContextParallelError("rope='axis' needs the model's RoPE inverse frequencies (rope_inv_freq)")
+    unsupported = [f"retrieve={opts.retrieve}"] if opts.retrieve else []
+    unsupported += [f"summary={opts.summary!r}"] if opts.summary != "token" else []
+    if unsupported:  # the shards would run a different operator: refuse rather than differ silently
+        raise ContextParallelError(
+            f"context-parallel attention does not support {' and '.join(unsupported)} yet: run on one process, "
+            "or set retrieve=0 / summary='token'"
+        )
     if hq < world:
         raise ContextParallelError(
             f"context parallelism over {world} ranks needs at least one query head per rank; the model has {hq}: "

@@ -246,18 +246,22 @@ def test_bad_input_fails_on_every_rank_without_hanging(tmp_path):
     too_short = _case(3, 4, 2)  # fits one inner block: nothing to shard
     too_short["ranges"] = [(0, 2), (2, 3)]
     too_few_heads = _case(37, 1, 1)
-    cases = [mismatch, wrong_shards, too_short, too_few_heads, _case(37, 4, 2)]
+    retrieval = _case(37, 4, 2, retrieve=2)  # not sharded yet: must refuse, not drop the far blocks
+    pooled = _case(37, 4, 2, summary="pooled", merge="lse")
+    cases = [mismatch, wrong_shards, too_short, too_few_heads, retrieval, pooled, _case(37, 4, 2)]
     results = _spawn(cases, 2, tmp_path)
     expected = [
         "settings differ across the ranks",
         "must have lengths \\[20, 17\\]",
         "needs at least 2 outer blocks",
         "at least one query head per rank",
+        "does not support retrieve=2 yet",
+        "does not support summary='pooled' yet",
     ]
     for i, pattern in enumerate(expected):
         for rank in (0, 1):
             assert re.search(pattern, results[rank][i].get("error") or ""), (i, rank, results[rank][i])
-    assert all("error" not in results[r][4] for r in (0, 1)), "the group is still usable after the errors"
+    assert all("error" not in results[r][-1] for r in (0, 1)), "the group is still usable after the errors"
 
 
 def test_a_rank_that_never_calls_times_out_instead_of_hanging(tmp_path):
