@@ -420,8 +420,7 @@ def evaluate(
 
 
 def _print_eval_plan(spec, entries) -> None:
-    from .evaluate.runner import estimate_memory_gib
-    from .models import load_config, resolve_source
+    from .evaluate.runner import estimate_memory_gib, planned_config
 
     retrieval = [t for t in spec.tasks if t != "ppl"]
     table = Table(title="Planned evaluation (estimates, per model)")
@@ -429,11 +428,10 @@ def _print_eval_plan(spec, entries) -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     for entry in entries:
         try:
-            config = load_config(resolve_source(entry.source))
+            config, ta = planned_config(entry)
         except Exception as err:  # noqa: BLE001 - best effort
             table.add_row(entry.label, "-", "-", "-", f"config unavailable: {err}")
             continue
-        ta = None if entry.attention else getattr(config, "tensorized_attention", None)
         for n in spec.lengths:
             passes = (spec.docs if "ppl" in spec.tasks else 0) + len(retrieval) * len(spec.depths) * spec.trials
             mem = estimate_memory_gib(config, n, ta)

@@ -130,6 +130,30 @@ def load_entry(entry: ModelEntry, device: torch.device):
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def planned_config(entry: ModelEntry):
+    """``(config, tensorized settings or None)`` an entry will run with, read without loading
+    weights (``--dry-run``): an adapter from ``ctxext finetune`` is its base model's config with
+    the settings it trained with; ``--set`` overrides apply to the model under test."""
+    from ..models import load_config, resolve_source
+    from ..train import SETTINGS_FILE
+
+    path = Path(entry.source)
+    if (path / "adapter_config.json").is_file():
+        settings = json.loads((path / SETTINGS_FILE).read_text())
+        config = load_config(resolve_source(settings["base_model"]))
+        tensorized = settings.get("tensorized_attention")
+        if settings.get("attn_implementation") != "tensorized":
+            tensorized = None
+    else:
+        config = load_config(resolve_source(entry.source))
+        tensorized = getattr(config, "tensorized_attention", None)
+    if entry.attention:  # a full-attention baseline of the same weights
+        tensorized = None
+    if tensorized is not None and entry.settings:
+        tensorized = {**tensorized, **entry.settings}
+    return config, tensorized
+
+
 def override_settings(model, settings: dict) -> None:
     """Change the tensorized-attention settings of a loaded tensorized model (``--set``), validated."""
     from ..attention.hf import CONFIG_KEY, options_from_config

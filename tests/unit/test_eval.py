@@ -257,6 +257,27 @@ def test_set_overrides_settings_of_the_model_under_test_only(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_dry_run_plans_an_adapter_with_its_base_config_and_trained_settings(tmp_path):
+    """An adapter directory (no config.json) is planned from its base model and the settings it
+    trained with, ``--set`` applied; it used to print "config unavailable"."""
+    from ctxext.evaluate.runner import ModelEntry, planned_config
+
+    base = _tiny_dir(tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    trained = {"block_sizes": [32], "sinks": 2, "retrieve": 2}
+    settings = {"base_model": str(base), "attn_implementation": "tensorized", "tensorized_attention": trained}
+    (adapter / "ctxext.json").write_text(json.dumps(settings))
+
+    config, ta = planned_config(ModelEntry(label="adapter", source=str(adapter), settings={"rope": "axis"}))
+    assert config.num_hidden_layers > 0 and ta == {**trained, "rope": "axis"}
+    assert planned_config(ModelEntry(label="base", source=str(adapter), attention="sdpa"))[1] is None
+    result = runner.invoke(app, ["eval", str(adapter), "--out", str(tmp_path / "x"), "--lengths", "1k", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "unavailable" not in result.output and "1024" in result.output, result.output
+
+
 def test_set_rope_axis_on_a_model_with_outer_hops_warns(tmp_path):
     import warnings
 
