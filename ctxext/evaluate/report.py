@@ -127,11 +127,10 @@ def plot_perplexity(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_heatmap(task: str, label: str, rows: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
+def draw_heatmap(ax, task: str, label: str, rows: dict[str, dict[str, Any]]):
+    """Accuracy (%) by depth (rows) and length (columns) on ``ax``; returns the image.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    rows: ``{length: {depth: share in 0..1 or "oom"}}`` as in ``report["tasks"][task][label]``."""
     import numpy as np
 
     lengths = list(rows)
@@ -139,7 +138,6 @@ def plot_heatmap(task: str, label: str, rows: dict[str, dict[str, Any]], path: P
     grid = np.array(
         [[np.nan if rows[n][d] == "oom" else 100 * rows[n][d] for n in lengths] for d in depths], dtype=float
     )
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
     image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_yticks(range(len(depths)), depths)
@@ -150,6 +148,18 @@ def plot_heatmap(task: str, label: str, rows: dict[str, dict[str, Any]], path: P
             text = "OOM" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_title(f"{task}: {label}")
+    return image
+
+
+def plot_heatmap(task: str, label: str, rows: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_lengths, n_depths = len(rows), len(next(iter(rows.values())))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n_lengths, 1.2 + 0.5 * n_depths))
+    image = draw_heatmap(ax, task, label, rows)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
