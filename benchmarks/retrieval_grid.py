@@ -67,6 +67,7 @@ def plot(merged: dict[str, dict[str, Cells]], path: Path, title: str = "") -> No
         len(labels),
         figsize=(0.5 + (1.6 + 0.9 * widest) * len(labels), (1.4 + 0.45 * deepest) * len(tasks)),
         squeeze=False,
+        layout="constrained",
     )
     image = None
     for i, task in enumerate(tasks):
@@ -77,7 +78,7 @@ def plot(merged: dict[str, dict[str, Cells]], path: Path, title: str = "") -> No
             else:
                 ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy (%)", shrink=0.8)
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy (%)", shrink=0.6)
     if title:
         fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
