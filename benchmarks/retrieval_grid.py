@@ -7,8 +7,8 @@ in order (a later run's cell replaces an earlier one's). The figure has one row 
 column per model; the table (``--table``, Markdown) gives the passed cells per task, model and
 length.
 
-    python benchmarks/retrieval_grid.py runs/r11/eval-grid-2k-8k runs/r11/eval-grid-16k \\
-        --out docs/study/round11/retrieval_grid.png --table docs/study/round11/retrieval_grid.md
+    python benchmarks/retrieval_grid.py runs/r11/eval-grid-2k-8k runs/r11/eval-needle-16k \\
+        --rename "smollm2->SmolLM2 (full attention)" --out docs/study/round11/retrieval_grid.png
 """
 
 from __future__ import annotations
@@ -21,17 +21,19 @@ from typing import Any
 Cells = dict[str, dict[str, Any]]  # {length: {depth: share in 0..1 or "oom"}}
 
 
-def merge_reports(reports: list[dict]) -> dict[str, dict[str, Cells]]:
-    """``{task: {label: cells}}`` over the runs, lengths sorted numerically, depths in run order."""
+def merge_reports(reports: list[dict], rename: dict[str, str] | None = None) -> dict[str, dict[str, Cells]]:
+    """``{task: {label: cells}}`` over the runs, lengths sorted numerically, depths in run order
+    (None where a run did not cover a depth); ``rename`` maps report labels to shown ones."""
     merged: dict[str, dict[str, Cells]] = {}
     for report in reports:
         for task, by_label in report.get("tasks", {}).items():
             for label, cells in by_label.items():
-                merged.setdefault(task, {}).setdefault(label, {}).update(cells)
+                shown = (rename or {}).get(label, label)
+                merged.setdefault(task, {}).setdefault(shown, {}).update(cells)
     for by_label in merged.values():
         for label, cells in by_label.items():
             depths = list(dict.fromkeys(d for row in cells.values() for d in row))
-            by_label[label] = {n: {d: cells[n].get(d, "oom") for d in depths} for n in sorted(cells, key=int)}
+            by_label[label] = {n: {d: cells[n].get(d) for d in depths} for n in sorted(cells, key=int)}
     return merged
 
 
@@ -44,7 +46,7 @@ def markdown_table(merged: dict[str, dict[str, Cells]]) -> str:
         for label, cells in by_label.items():
             row = []
             for n in lengths:
-                values = [v for v in cells.get(n, {}).values() if v != "oom"]
+                values = [v for v in cells.get(n, {}).values() if v not in ("oom", None)]
                 row.append(f"{sum(values):g} / {len(values)}" if values else "-")
             lines.append(f"| {task} | {label} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -92,6 +94,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="PNG of the merged grids")
     ap.add_argument("--table", type=Path, help="Markdown table of the merged grids")
     ap.add_argument("--title", default="")
+    ap.add_argument(
+        "--rename", action="append", default=[], help="'LABEL->SHOWN': show a model label as SHOWN (may hold '=')"
+    )
     args = ap.parse_args()
     reports = []
     for run in args.runs:
@@ -99,7 +104,13 @@ def main() -> None:
         if not path.is_file():
             ap.error(f"{run}: no report.json (give a `ctxext eval --out` directory or its report.json)")
         reports.append(json.loads(path.read_text()))
-    merged = merge_reports(reports)
+    rename = {}
+    for item in args.rename:
+        if "->" not in item:
+            ap.error(f"--rename {item!r}: expected 'LABEL->SHOWN'")
+        label, shown = item.split("->", 1)
+        rename[label] = shown
+    merged = merge_reports(reports, rename)
     if not merged:
         ap.error("no retrieval task in these reports (run ctxext eval with --tasks passkey,needle,...)")
     plot(merged, args.out, args.title)

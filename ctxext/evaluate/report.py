@@ -130,13 +130,15 @@ def plot_perplexity(report: dict[str, Any], path: Path) -> None:
 def draw_heatmap(ax, task: str, label: str, rows: dict[str, dict[str, Any]]):
     """Accuracy (%) by depth (rows) and length (columns) on ``ax``; returns the image.
 
-    rows: ``{length: {depth: share in 0..1 or "oom"}}`` as in ``report["tasks"][task][label]``."""
+    rows: ``{length: {depth: share in 0..1, "oom", or None (not run)}}`` as in
+    ``report["tasks"][task][label]``."""
     import numpy as np
 
     lengths = list(rows)
     depths = list(next(iter(rows.values())))
     grid = np.array(
-        [[np.nan if rows[n][d] == "oom" else 100 * rows[n][d] for n in lengths] for d in depths], dtype=float
+        [[np.nan if rows[n][d] in ("oom", None) else 100 * rows[n][d] for n in lengths] for d in depths],
+        dtype=float,
     )
     image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), lengths)
@@ -145,7 +147,8 @@ def draw_heatmap(ax, task: str, label: str, rows: dict[str, dict[str, Any]]):
     ax.set_ylabel("depth")
     for i in range(len(depths)):
         for j in range(len(lengths)):
-            text = "OOM" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0f}"
+            value = rows[lengths[j]][depths[i]]
+            text = "OOM" if value == "oom" else "-" if value is None else f"{grid[i, j]:.0f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_title(f"{task}: {label}")
     return image

@@ -31,7 +31,7 @@ SHORT = {
     },
     "needle": {"ta": {"2048": {"0.1": 0.5, "0.9": "oom"}}},
 }
-LONG = {"passkey": {"ta": {"16384": {"0.1": 1.0, "0.9": 1.0}, "4096": {"0.1": 0.0, "0.9": 0.0}}}}
+LONG = {"passkey": {"ta": {"16384": {"0.1": 1.0}, "4096": {"0.1": 0.0, "0.9": 0.0}}}}
 
 
 def test_merge_orders_lengths_and_a_later_run_replaces_a_cell():
@@ -40,13 +40,16 @@ def test_merge_orders_lengths_and_a_later_run_replaces_a_cell():
     assert merged["passkey"]["ta"]["4096"] == {"0.1": 0.0, "0.9": 0.0}, "the later run's cell wins"
     assert merged["passkey"]["full"] == {"2048": {"0.1": 1.0, "0.9": 1.0}}
     assert merged["needle"]["ta"]["2048"] == {"0.1": 0.5, "0.9": "oom"}
+    assert merged["passkey"]["ta"]["16384"] == {"0.1": 1.0, "0.9": None}, "a depth not run is None, not OOM"
+    renamed = _module().merge_reports([{"tasks": SHORT}], {"ta": "tensorized"})
+    assert set(renamed["passkey"]) == {"tensorized", "full"}
 
 
 def test_table_counts_cells_passed_and_skips_oom():
     table = _module().markdown_table(_module().merge_reports([{"tasks": SHORT}, {"tasks": LONG}]))
     lines = table.splitlines()
     assert lines[0] == "| task | model | 2,048 | 4,096 | 16,384 |"
-    assert "| passkey | ta | 2 / 2 | 0 / 2 | 2 / 2 |" in lines
+    assert "| passkey | ta | 2 / 2 | 0 / 2 | 1 / 1 |" in lines
     assert "| passkey | full | 2 / 2 | - | - |" in lines
     assert "| needle | ta | 0.5 / 1 | - | - |" in lines
 
@@ -55,12 +58,12 @@ def test_cli_writes_the_figure_and_table_and_names_a_bad_run(tmp_path):
     a, b = _report(tmp_path / "a", SHORT), _report(tmp_path / "b", LONG)
     out, table = tmp_path / "grid.png", tmp_path / "grid.md"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(a), str(b), "--out", str(out), "--table", str(table)],
+        [sys.executable, str(SCRIPT), str(a), str(b), "--out", str(out), "--table", str(table), "--rename", "ta->t=a"],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| passkey | ta |" in table.read_text()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| passkey | t=a |" in table.read_text()
     bad = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path / "missing"), "--out", str(out)], capture_output=True, text=True
     )
