@@ -122,20 +122,12 @@ def tensorized_attention_forward(
         rope_inv_freq=inv_freq,
     )
     cache_layer = layer_for_keys(key)
-    cp_group = active_group()
-    unsupported = f"summary={opts.summary!r}" if opts.summary != "token" else None
-    if opts.retrieve and cp_group is not None:
-        unsupported = f"retrieve={opts.retrieve}"
-    if unsupported:
-        if cp_group is not None or (cache_layer is not None and query.shape[-2] != key.shape[-2]):
-            where = "context parallelism" if cp_group is not None else "the decode cache"
+    cp_group = active_group()  # context_parallel_attention refuses what it cannot shard itself
+    if opts.summary != "token" and cp_group is None:
+        if cache_layer is not None and query.shape[-2] != key.shape[-2]:
             raise NotImplementedError(
-                f"tensorized_attention.{unsupported} is not supported by {where} yet; "
-                + (
-                    "run on one process"
-                    if cp_group is not None
-                    else "generate with use_cache=False (ctxext generate --no-cache)"
-                )
+                f"tensorized_attention.summary={opts.summary!r} is not supported by the decode cache yet; "
+                "generate with use_cache=False (ctxext generate --no-cache)"
             )
         cache_layer = None  # a first forward pass: the plain operator (the cache keeps k/v only)
     if cache_layer is not None:  # a transformers cache with tensorized decode state (DESIGN.md section 5)

@@ -114,8 +114,9 @@ def load_entry(entry: ModelEntry, device: torch.device):
     from ..models import apply_rope_scaling, load_causal_lm, resolve_source
 
     path = Path(entry.source)
-    if (path / "adapter_config.json").is_file():
-        model, tokenizer = _load_adapter(path)
+    settings = adapter_settings(path)
+    if settings is not None:
+        model, tokenizer = _load_adapter(path, settings)
     else:
         model, tokenizer = load_causal_lm(resolve_source(entry.source))
     if tokenizer is None:
@@ -130,16 +131,24 @@ def load_entry(entry: ModelEntry, device: torch.device):
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def adapter_settings(path: Path) -> dict | None:
+    """The settings file of an adapter written by ``ctxext finetune`` (base model, attention), or
+    None when ``path`` is not an adapter directory."""
+    from ..train import SETTINGS_FILE
+
+    if not (path / "adapter_config.json").is_file():
+        return None
+    return json.loads((path / SETTINGS_FILE).read_text())
+
+
 def planned_config(entry: ModelEntry):
     """``(config, tensorized settings or None)`` an entry will run with, read without loading
     weights (``--dry-run``): an adapter from ``ctxext finetune`` is its base model's config with
     the settings it trained with; ``--set`` overrides apply to the model under test."""
     from ..models import load_config, resolve_source
-    from ..train import SETTINGS_FILE
 
-    path = Path(entry.source)
-    if (path / "adapter_config.json").is_file():
-        settings = json.loads((path / SETTINGS_FILE).read_text())
+    settings = adapter_settings(Path(entry.source))
+    if settings is not None:
         config = load_config(resolve_source(settings["base_model"]))
         tensorized = settings.get("tensorized_attention")
         if settings.get("attn_implementation") != "tensorized":
@@ -173,17 +182,17 @@ def override_settings(model, settings: dict) -> None:
     setattr(model.config, CONFIG_KEY, options.to_dict())
 
 
-def _load_adapter(path: Path):
-    """An adapter written by ``ctxext finetune``: base model + settings + LoRA + fully trained tensors."""
+def _load_adapter(path: Path, settings: dict):
+    """An adapter written by ``ctxext finetune`` (``settings``: its :func:`adapter_settings`):
+    base model + settings + LoRA + fully trained tensors."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from ..attention import summary
     from ..attention.options import TensorizedOptions
     from ..models import apply_tensorized, load_causal_lm, resolve_source, restore_rope
-    from ..train import SETTINGS_FILE, TRAINABLE_FILE
+    from ..train import TRAINABLE_FILE
 
-    settings = json.loads((path / SETTINGS_FILE).read_text())
     model, _ = load_causal_lm(resolve_source(settings["base_model"]))
     restore_rope(model, settings)  # a rope-scaled fine-tune evaluates with the scaling it trained with
     if settings.get("attn_implementation") == "tensorized":
