@@ -18,6 +18,7 @@ from ctxext.models import apply_tensorized
 from ctxext.tiny import byte_tokenizer, tiny_model
 from ctxext.train import finetune
 
+from ..benchmark_script import load_benchmark
 from .tiny_recipe import tiny_recipe
 
 LEARNED = "{block_sizes: [8], causal: complete, sinks: 2, local: window, merge: mass, summary: learned}"
@@ -118,13 +119,7 @@ def test_transfer_settings_are_checked(tmp_path):
 
 
 def test_the_transfer_error_diagnostic_reports_per_document_and_layer():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "transfer_error", Path(__file__).parents[2] / "benchmarks" / "transfer_error.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("transfer_error")
     _, ta = _models()
     docs = [torch.randint(0, ta.config.vocab_size, (n,)) for n in (8, 40)]
     errors = script.layer_errors(ta, docs)

@@ -4,21 +4,19 @@ a rerun scores only new checkpoints, and another protocol is refused."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ..benchmark_script import load_benchmark
+
 ROOT = Path(__file__).parents[2]
 
 
 def _curve_module():
-    spec = importlib.util.spec_from_file_location("checkpoint_curve", ROOT / "benchmarks" / "checkpoint_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("checkpoint_curve")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ..benchmark_script import load_benchmark
+
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "benchmarks" / "quality_study.py"
 
@@ -54,12 +56,7 @@ def test_study_trains_evaluates_and_reports_on_the_tiny_model(tmp_path):
 
 
 def _study_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality_study")
 
 
 def test_a_second_stage_trains_after_the_run_it_starts_from(tmp_path):

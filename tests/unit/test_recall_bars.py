@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from ..benchmark_script import load_benchmark
+
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "recall_bars.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("recall_bars", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recall_bars")
 
 
 def _recall(path: Path, hits_beyond: int, n_beyond: int) -> Path:

@@ -6,21 +6,19 @@ record's statement must show a chosen share of exactly 1; with one far block per
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ..benchmark_script import load_benchmark
+
 ROOT = Path(__file__).parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("recall_misses", ROOT / "benchmarks" / "recall_misses.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recall_misses")
 
 
 def _run_dir(tmp_path: Path, retrieve: int) -> Path:

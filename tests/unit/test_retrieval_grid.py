@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from ..benchmark_script import load_benchmark
+
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "retrieval_grid.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("retrieval_grid", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("retrieval_grid")
 
 
 def _report(path: Path, tasks: dict) -> Path:

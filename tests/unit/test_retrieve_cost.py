@@ -6,9 +6,6 @@ model's config in place; these tests fail if a shape is parsed wrongly or the ch
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,15 +15,12 @@ from ctxext.attention.options import TensorizedOptions
 from ctxext.models import apply_tensorized
 from ctxext.tiny import tiny_model
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "retrieve_cost.py"
+from ..benchmark_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def cost():
-    spec = importlib.util.spec_from_file_location("retrieve_cost", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("retrieve_cost")
 
 
 def test_shapes_give_window_and_retrieval_per_block_size(cost):

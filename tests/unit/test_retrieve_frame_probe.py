@@ -7,8 +7,6 @@ these tests fail if those names move or the probe wires the wrong tensors.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +16,9 @@ from ctxext.attention.options import TensorizedOptions
 from ctxext.attention.retrieve import retrievable_keys, select_far_blocks, selection_frame
 from ctxext.attention.rope import rerotate
 
+from ..benchmark_script import load_benchmark
 from . import operator_cases as oc
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "retrieve_frame_probe.py"
 L, N = 64, 8  # 8 blocks of 8: far blocks exist for most queries
 
 
@@ -38,9 +36,7 @@ def probe(monkeypatch):
         return attend(qs, ks, v, chosen, *rest)
 
     monkeypatch.setattr(tb, "retrieved_attention", spy)
-    spec = importlib.util.spec_from_file_location("retrieve_frame_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("retrieve_frame_probe")
     return module.split_frames, seen
 
 

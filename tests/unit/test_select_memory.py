@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "select_memory.py"
+from ..benchmark_script import load_benchmark
 
 
 def test_cells_compare_the_same_choice_and_write_json(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("select_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("select_memory")
     out = tmp_path / "sel.json"
     result = module.main(["--lengths", "1024", "--heads", "2,1,8", "--out", str(out)])
     row = result["rows"][0]
