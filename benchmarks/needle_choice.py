@@ -1,0 +1,215 @@
+"""Needle in a haystack, token by token: which answer tokens a retrieval model reads right, and
+whether the far block it had to read each one from was chosen.
+
+    python benchmarks/needle_choice.py runs/study/train/retrieve-b64/adapter --set rope=axis \\
+        --lengths 2k,8k --depths 0.1,0.5,0.9 --seeds 0,1 --out runs/r12/needle_choice.json \\
+        --plot runs/r12/needle_choice.png
+
+``ctxext eval --tasks needle`` says whether a sample passed; this says why one failed. For each
+(length, depth, seed) the eval's own needle sample (``ctxext.evaluate.tasks.make_sample``: "The
+special magic number for {city} is {7 digits}" in real text) runs once through the model,
+teacher-forced (each answer token predicted after the right ones before it, as the eval scores),
+while every layer's far-block choice is recorded (``torch_backend.select_far_blocks``, as
+``recall_misses.py`` does: the PyTorch backend, so run it on the CPU). The query that predicts
+answer token ``i`` has to copy token ``i`` of the number in the needle sentence; its **chosen
+share** is the share of (layer, query head) pairs whose choice held that token's block of
+``retrieve_block`` slots. A wrong token with a chosen share like the right ones' was read wrong;
+one with a low share was not found, and a larger or better choice would help it.
+
+``--set KEY=VALUE`` overrides tensorized settings at load time as ``ctxext eval --set`` does (e.g.
+``retrieve=16`` or ``retrieve_frame=ordered`` on a model trained with 8 stacked blocks), so the
+same needles can be compared under several choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from recall_misses import ChoiceRecorder, chosen_share, is_far  # noqa: E402
+
+
+def copy_sources(input_ids: list[int], needle_position: int, answer_start: int) -> list[int]:
+    """Index in ``input_ids`` of the needle token each answer token copies.
+
+    The answer tokens (``input_ids[answer_start:]``) appear once, in order, in the needle
+    sentence that starts at ``needle_position``: the first occurrence after it is the source.
+    """
+    answer = input_ids[answer_start:]
+    for start in range(needle_position, answer_start - len(answer) + 1):
+        if input_ids[start : start + len(answer)] == answer:
+            return list(range(start, start + len(answer)))
+    raise ValueError(f"the answer tokens {answer} do not occur after the needle at {needle_position}")
+
+
+def score_sample(model, sample, recorder: ChoiceRecorder, opts) -> dict:
+    """One needle: the prediction and chosen share of every answer token."""
+    from ctxext.evaluate.retrieval import teacher_forced_prediction
+
+    n, m, window = opts.block_sizes[-1], opts.retrieval_block, opts.local == "window"
+    answer = sample.input_ids[sample.answer_start :]
+    queries = list(range(sample.answer_start - 1, len(sample.input_ids) - 1))  # query i predicts answer token i
+    sources = copy_sources(sample.input_ids, sample.needle_position, sample.answer_start)
+    recorder.rows = torch.tensor(queries)
+    recorder.calls.clear()
+    predicted = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
+    if not recorder.calls:
+        raise SystemExit("no far-block choice was recorded: the model must run on the PyTorch backend (CPU)")
+    tokens = []
+    for i, (query, source) in enumerate(zip(queries, sources)):
+        share, per_layer = chosen_share(recorder.calls, i, [source // m])
+        tokens.append(
+            {
+                "query": query,
+                "source": source,
+                "distance": query - source,
+                "far": is_far((source, source + 1), query, n, m, window),
+                "correct": predicted[i] == answer[i],
+                "chosen_share": share,
+                "per_layer": per_layer,
+            }
+        )
+    return {
+        "length": sample.length,
+        "depth": sample.depth,
+        "answer": sample.answer,
+        "correct": predicted == answer,
+        "tokens": tokens,
+        "predicted": predicted,
+        "layers": len(recorder.calls),
+    }
+
+
+def summary(samples: list[dict]) -> dict:
+    """Per length: needles passed, far answer tokens right, and the chosen share of right / wrong ones."""
+    out = {}
+    for length in sorted({s["length"] for s in samples}):
+        group = [s for s in samples if s["length"] == length]
+        far = [t for s in group for t in s["tokens"] if t["far"]]
+        right = [t["chosen_share"] for t in far if t["correct"]]
+        wrong = [t["chosen_share"] for t in far if not t["correct"]]
+        out[str(length)] = {
+            "needles": len(group),
+            "passed": sum(s["correct"] for s in group),
+            "far_tokens": len(far),
+            "far_tokens_right": len(right),
+            "chosen_share_right": float(np.mean(right)) if right else None,
+            "chosen_share_wrong": float(np.mean(wrong)) if wrong else None,
+            "wrong_under_10pct": sum(x < 0.10 for x in wrong),
+        }
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """Per length, share of heads choosing the copied token's block, by layer: right vs wrong tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({s["length"] for s in result["samples"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], lengths):
+        far = [t for s in result["samples"] if s["length"] == length for t in s["tokens"] if t["far"]]
+        for name, color, want in (("right", "tab:blue", True), ("wrong", "tab:red", False)):
+            group = [t["per_layer"] for t in far if t["correct"] == want]
+            if group:
+                ax.plot(100 * np.mean(group, axis=0), "o-", color=color, ms=3, label=f"{name} ({len(group)} tokens)")
+        ax.set(title=f"{length:,} tokens", xlabel="layer", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("% of heads choosing the needle token's block")
+    fig.suptitle(f"{result['label']}: needle answer tokens, chosen share by layer")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a tensorized model with retrieve > 0: adapter or model directory, or a source")
+    ap.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE tensorized override")
+    ap.add_argument("--lengths", default="2k,8k", help="comma-separated lengths (k = 1,024)")
+    ap.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated needle depths in [0, 1]")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own city, number, text)")
+    ap.add_argument("--label", help="name in the plot title (default: the model and its --set)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON with every needle and token")
+    ap.add_argument("--plot", type=Path, help="PNG: chosen share by layer, right vs wrong tokens")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import ctxext.attention.torch_backend as tb
+    from ctxext.attention.hf import options_from_config
+    from ctxext.config import parse_settings
+    from ctxext.evaluate.runner import ModelEntry, load_entry, parse_length
+    from ctxext.evaluate.tasks import make_sample
+
+    settings = parse_settings(args.settings)
+    model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
+    opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
+    if opts is None or not opts.retrieve:
+        raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
+    label = args.label or " ".join([Path(args.model).name, *args.settings])
+    result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
+    recorder = RowRecorder(tb.select_far_blocks)
+    tb.select_far_blocks = recorder
+    try:
+        for length in (parse_length(x) for x in args.lengths.split(",")):
+            for depth in (float(x) for x in args.depths.split(",")):
+                for seed in (int(x) for x in args.seeds.split(",")):
+                    sample = make_sample("needle", tok, length, depth, seed)
+                    scored = {"seed": seed, **score_sample(model, sample, recorder, opts)}
+                    result["samples"].append(scored)
+                    far = [t for t in scored["tokens"] if t["far"]]
+                    print(
+                        f"{length:>6} depth {depth:.2f} seed {seed}: {'PASS' if scored['correct'] else 'miss'} "
+                        f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}; far tokens right "
+                        f"{sum(t['correct'] for t in far)}/{len(far)}, chosen share "
+                        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far),
+                        flush=True,
+                    )
+    finally:
+        tb.select_far_blocks = recorder.choose
+    result["summary"] = summary(result["samples"])
+    for length, s in result["summary"].items():
+        print(
+            f"{length}: {s['passed']}/{s['needles']} needles; "
+            f"far tokens right {s['far_tokens_right']}/{s['far_tokens']}, "
+            f"chosen share right {_pct(s['chosen_share_right'])}, wrong {_pct(s['chosen_share_wrong'])} "
+            f"({s['wrong_under_10pct']} wrong under 10%)"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return result
+
+
+class RowRecorder(ChoiceRecorder):
+    """A :class:`ChoiceRecorder` that keeps only the choice of the query slots in ``rows``: ``(Hq, R, nb)``."""
+
+    rows: torch.Tensor | None = None
+
+    def __call__(self, *args, **kwargs):
+        chosen = self.choose(*args, **kwargs)
+        self.calls.append(chosen[0][:, self.rows].clone())
+        return chosen
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+if __name__ == "__main__":
+    main()

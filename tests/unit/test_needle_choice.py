@@ -1,0 +1,74 @@
+"""``benchmarks/needle_choice.py``: the far-block choice recorded at each needle answer token.
+
+With ``retrieve`` at least the number of far blocks every eligible block is chosen, so every far
+answer token's source must show a chosen share of exactly 1; with one far block per query it cannot.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..benchmark_script import load_benchmark
+
+
+def _tiny_dir(tmp_path, retrieve: int):
+    """A converted tiny model (byte tokenizer): window of 2 x 32, 2 sinks, far blocks of 16."""
+    from ctxext.attention.options import TensorizedOptions
+    from ctxext.models import apply_tensorized, save_model_dir
+    from ctxext.tiny import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    opts = TensorizedOptions(
+        block_sizes=(32,), sinks=2, local="window", long_range=False, retrieve=retrieve, retrieve_block=16
+    )
+    apply_tensorized(model, opts)
+    return save_model_dir(model, byte_tokenizer(), tmp_path / f"tiny-r{retrieve}")
+
+
+ARGS = ["--lengths", "1024", "--depths", "0.1,0.5", "--seeds", "0", "--threads", "1"]
+
+
+def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
+    script = load_benchmark("needle_choice")
+    import ctxext.attention.torch_backend as tb
+
+    original = tb.select_far_blocks
+    model = str(_tiny_dir(tmp_path, 1))
+    every = script.main([model, "--set", "retrieve=64", *ARGS, "--out", str(tmp_path / "a.json")])
+    assert tb.select_far_blocks is original, "the recorder is removed afterwards"
+    assert every["settings"] == {"retrieve": 64} and every["options"]["retrieve"] == 64, "--set takes effect"
+    tokens = [t for s in every["samples"] for t in s["tokens"]]
+    far = [t for t in tokens if t["far"]]
+    assert len(every["samples"]) == 2 and far, "needles at depths 0.1 and 0.5 of 1,024 lie beyond a window of 64"
+    assert all(t["chosen_share"] == 1.0 and set(t["per_layer"]) == {1.0} for t in far)
+    for s in every["samples"]:
+        assert len(s["predicted"]) == len(s["tokens"]) == len(s["answer"]) + 1  # byte tokens: space + 7 digits
+        assert [t["source"] for t in s["tokens"]] == list(
+            range(s["tokens"][0]["source"], s["tokens"][-1]["source"] + 1)
+        )
+        assert s["correct"] == all(t["correct"] for t in s["tokens"])
+
+    one = script.main([model, *ARGS, "--out", str(tmp_path / "b.json"), "--plot", str(tmp_path / "p.png")])
+    shares = [t["chosen_share"] for s in one["samples"] for t in s["tokens"] if t["far"]]
+    assert len(shares) == len(far) and all(0.0 <= x <= 1.0 for x in shares) and min(shares) < 1.0
+    saved = json.loads((tmp_path / "b.json").read_text())
+    summary = saved["summary"]["1024"]
+    assert summary["needles"] == 2 and summary["far_tokens"] == len(far)
+    assert summary["far_tokens_right"] == sum(t["correct"] for s in one["samples"] for t in s["tokens"] if t["far"])
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_copy_sources_find_the_answer_after_the_needle():
+    script = load_benchmark("needle_choice")
+    ids = [5, 1, 2, 9, 7, 1, 2, 3, 8, 4, 1, 2, 3]  # needle at 4; answer [1, 2, 3] starts at 10
+    assert script.copy_sources(ids, 4, 10) == [5, 6, 7]
+    with pytest.raises(ValueError, match="do not occur after the needle"):
+        script.copy_sources([1, 2, 3, 4, 5, 6], 1, 4)
+
+
+def test_a_model_without_retrieval_is_refused(tmp_path):
+    script = load_benchmark("needle_choice")
+    with pytest.raises(SystemExit, match="far-block retrieval"):
+        script.main([str(_tiny_dir(tmp_path, 0)), *ARGS, "--out", str(tmp_path / "x.json")])
