@@ -95,7 +95,7 @@ def _as_sets(index: torch.Tensor) -> list[list[list[int]]]:
     return [[sorted(int(i) for i in row if i >= 0) for row in head] for head in index[0]]
 
 
-def test_exact_choice_ranks_blocks_by_their_best_key_where_the_bound_does_not():
+def test_score_grain_one_ranks_blocks_by_their_best_key_and_the_block_grain_is_the_shipped_bound():
     from ctxext.attention.options import TensorizedOptions
     from ctxext.attention.retrieve import far_block_index, retrievable_keys
 
@@ -107,24 +107,28 @@ def test_exact_choice_ranks_blocks_by_their_best_key_where_the_bound_does_not():
     opts = TensorizedOptions(
         block_sizes=(32,), sinks=3, local="window", long_range=False, retrieve=2, retrieve_block=16
     )
-    script.EXACT_SCORE_BUDGET = 1000  # several chunks of queries
-    exact = script.exact_far_block_index(qs, ks, key_ok, opts, 32)
+    script.GRAIN_SCORE_BUDGET = 1000  # several chunks of queries
+    exact = script.grained_far_block_index(1)(qs, ks, key_ok, opts, 32)
     bound = far_block_index(qs, ks, key_ok, opts, 32)
+    assert torch.equal(script.grained_far_block_index(16)(qs, ks, key_ok, opts, 32), bound)
+    finer = script.grained_far_block_index(4)(qs, ks, key_ok, opts, 32)
     assert exact.shape == bound.shape == (b, hq, length, 2)
     want = _brute_force_top(qs, ks, key_ok, 2, 32, 16)
     assert _as_sets(exact) == want
     assert _as_sets(bound) != want, "the bound must choose differently somewhere, or this test shows nothing"
+    hits = [sum(a == w for a, w in zip(_as_sets(x)[h], want[h])) for x in (bound, finer) for h in range(hq)]
+    assert sum(hits[hq:]) > sum(hits[:hq]), "a finer grain agrees with the exact choice more often"
     every = TensorizedOptions(**{**opts.to_dict(), "retrieve": 16})
-    assert _as_sets(script.exact_far_block_index(qs, ks, key_ok, every, 32)) == _as_sets(
+    assert _as_sets(script.grained_far_block_index(1)(qs, ks, key_ok, every, 32)) == _as_sets(
         far_block_index(qs, ks, key_ok, every, 32)
     ), "with every eligible block chosen the two scores agree"
 
 
-def test_the_exact_choice_runs_the_model_and_is_removed_afterwards(tmp_path):
+def test_a_finer_score_runs_the_model_and_is_removed_afterwards(tmp_path):
     script = load_benchmark("needle_choice")
     import ctxext.attention.retrieve as retrieve
 
     shipped = retrieve.far_block_index
-    result = script.main([str(_tiny_dir(tmp_path, 1)), *ARGS, "--choice", "exact", "--out", str(tmp_path / "e.json")])
+    result = script.main([str(_tiny_dir(tmp_path, 1)), *ARGS, "--score-grain", "1", "--out", str(tmp_path / "e.json")])
     assert retrieve.far_block_index is shipped
-    assert result["choice"] == "exact" and "exact choice" in result["label"] and len(result["samples"]) == 2
+    assert result["score_grain"] == 1 and "score grain 1" in result["label"] and len(result["samples"]) == 2
