@@ -18,11 +18,11 @@ one with a low share was not found, and a larger or better choice would help it.
 
 ``--set KEY=VALUE`` overrides tensorized settings at load time as ``ctxext eval --set`` does (e.g.
 ``retrieve=16`` or ``retrieve_frame=ordered`` on a model trained with 8 stacked blocks), so the
-same needles can be compared under several choices. ``--score-grain G`` replaces the shipped score
-of a far block (an upper bound of ``q . k`` from its keys' per-channel minimum and maximum) by the
-largest such bound over its sub-blocks of ``G`` slots: tighter as ``G`` shrinks, and at ``G = 1``
-the exact maximum of ``q . k`` over its keys (an oracle that costs as much as full attention), to
-ask whether a better score with the same number of blocks would find the needle.
+same needles can be compared under several choices. ``--set retrieve_score_block=S`` scores a far
+block by the largest bound on ``q . k`` over its sub-blocks of S slots instead of one bound over
+the whole block: tighter as S shrinks, and at S = 1 the exact maximum of ``q . k`` over its keys
+(an oracle that costs as much as full attention): would a better score with the same number of
+blocks find the needle?
 """
 
 from __future__ import annotations
@@ -39,58 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from recall_misses import ChoiceRecorder, chosen_share, is_far  # noqa: E402
-
-# Scoring far blocks at a finer grain compares every query with every sub-block: chunks of queries
-# keep the ``(B, Hq, R, L / grain)`` bounds below this many elements (32 MiB in float32).
-GRAIN_SCORE_BUDGET = 1 << 23
-
-
-def grained_far_block_index(grain: int):
-    """``ctxext.attention.retrieve.far_block_index`` with each far block scored by the largest bound
-    over its sub-blocks of ``grain`` slots instead of one bound over the whole block: the same
-    eligible blocks and output ``(B, Hq, Q, top)``. ``grain = retrieve_block`` is the shipped
-    score; ``grain = 1`` the exact ``max q . k`` over the block's retrievable keys (the bound of
-    one key is its score). qs ``(B, Hq, Q, D)``, ks ``(B, Hkv, L, D)`` in the selection frame."""
-    import torch.nn.functional as F
-
-    from ctxext.attention.retrieve import local_range_start
-
-    @torch.no_grad()
-    def far_block_index(qs, ks, key_ok, opts, n, q_slots=None) -> torch.Tensor:
-        b, hq, n_q, d = qs.shape
-        hkv, length = ks.shape[1], ks.shape[2]
-        m = opts.retrieval_block
-        if m % grain:
-            raise SystemExit(f"--score-grain {grain} must divide the retrieved block of {m} slots")
-        nb, per = -(-length // m), m // grain
-        pad = nb * m - length
-        kb = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, nb * per, grain, d)
-        ok = F.pad(key_ok, (0, pad)).view(b, 1, nb * per, grain, 1)
-        big = torch.finfo(kb.dtype).max
-        kmax = kb.masked_fill(~ok, -big).amax(dim=-2).transpose(-1, -2)  # (B, Hkv, D, nb * per)
-        kmin = kb.masked_fill(~ok, big).amin(dim=-2).transpose(-1, -2)
-        sub_ok = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb * per)
-        kmax, kmin = kmax.masked_fill(~sub_ok[:, None, None], 0), kmin.masked_fill(~sub_ok[:, None, None], 0)
-        has_keys = sub_ok.view(b, nb, per).any(dim=-1)  # (B, nb)
-        if q_slots is None:
-            q_slots = torch.arange(n_q, device=qs.device)
-        start = local_range_start(q_slots, n, opts.local == "window")
-        block_end = (torch.arange(nb, device=qs.device) + 1) * m
-        top, g = min(opts.retrieve, nb), hq // hkv
-        rows = max(1, GRAIN_SCORE_BUDGET // max(1, b * hq * nb * per))
-        picks = []
-        for first in range(0, n_q, rows):
-            part = slice(first, min(first + rows, n_q))
-            r = part.stop - part.start
-            qg = qs[:, :, part].reshape(b, hkv, g * r, d)
-            bound = (qg.clamp_min(0) @ kmax + qg.clamp_max(0) @ kmin).view(b, hq, r, nb * per)
-            bound = bound.masked_fill(~sub_ok[:, None, None], float("-inf")).view(b, hq, r, nb, per).amax(dim=-1)
-            eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
-            values, index = bound.masked_fill(~eligible, float("-inf")).topk(top, dim=-1)
-            picks.append(torch.where(torch.isfinite(values), index, -1))
-        return torch.cat(picks, dim=2)
-
-    return far_block_index
 
 
 def copy_sources(input_ids: list[int], needle_position: int, answer_start: int) -> list[int]:
@@ -211,7 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import ctxext.attention.retrieve as retrieve
     import ctxext.attention.torch_backend as tb
     from ctxext.attention.hf import options_from_config
     from ctxext.config import parse_settings
@@ -226,12 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     label = args.label or " ".join(
         [Path(args.model).name, *args.settings, *([f"score grain {args.score_grain}"] * bool(args.score_grain))]
     )
-    result = {"label": label, "model": args.model, "settings": settings, "score_grain": args.score_grain}
-    result |= {"options": opts.to_dict(), "samples": []}
-    recorder, shipped_index = RowRecorder(tb.select_far_blocks), retrieve.far_block_index
+    result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
+    recorder = RowRecorder(tb.select_far_blocks)
     tb.select_far_blocks = recorder
-    if args.score_grain:
-        retrieve.far_block_index = grained_far_block_index(args.score_grain)
     try:
         for length in (parse_length(x) for x in args.lengths.split(",")):
             for depth in (float(x) for x in args.depths.split(",")):
@@ -248,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
     finally:
-        tb.select_far_blocks, retrieve.far_block_index = recorder.choose, shipped_index
+        tb.select_far_blocks = recorder.choose
     result["summary"] = summary(result["samples"])
     for length, s in result["summary"].items():
         print(

@@ -95,6 +95,13 @@ def convert(
             "Default: 64 when 64 divides the inner block, else the inner block."
         ),
     ] = None,
+    retrieve_score_block: Annotated[
+        int,
+        typer.Option(
+            help="Score a far block by its best sub-block of this many slots, a divisor of the retrieved block "
+            "(0: the whole block; 1: exact max q.k). Finer finds a needle among many far blocks, at a higher cost."
+        ),
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -133,6 +140,7 @@ def convert(
             retrieve=retrieve,
             retrieve_frame=retrieve_frame,
             retrieve_block=default_retrieve_block(block_sizes, retrieve_block),
+            retrieve_score_block=retrieve_score_block,
             backend=backend,
         )
         errors = options.problems(where="option")

@@ -123,6 +123,7 @@ def tensorized_attention(
     retrieve: int = 0,
     retrieve_frame: str = "stacked",
     retrieve_block: int = 0,
+    retrieve_score_block: int = 0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -153,6 +154,8 @@ def tensorized_attention(
             ``rope="axis"`` (see :class:`TensorizedOptions`).
         retrieve_block: tokens per retrieved far block, a divisor of the inner block
             (0: the inner block).
+        retrieve_score_block: slots per scored sub-block of a far block, a divisor of the
+            retrieved block (0: the whole block; 1: the exact ``max q . k``).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -183,6 +186,7 @@ def tensorized_attention(
         retrieve=retrieve,
         retrieve_frame=retrieve_frame,
         retrieve_block=retrieve_block,
+        retrieve_score_block=retrieve_score_block,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

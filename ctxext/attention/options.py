@@ -53,6 +53,10 @@ class TensorizedOptions:
     retrieve_block: tokens per retrieved block (0: the inner block ``n``). A divisor of ``n``
         retrieves at a finer grain than the local window: e.g. a window of two blocks of 128
         with ``retrieve: 8`` far blocks of 64 (quality study, round 7).
+    retrieve_score_block: slots per scored sub-block (0: the retrieved block itself). A far block
+        is scored by the largest bound on ``q . k`` over its sub-blocks of this many slots, a
+        divisor of the retrieved block: finer is tighter and costs more to choose; 1 scores the
+        exact ``max q . k`` over the block's keys (quality study, round 12).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -67,6 +71,7 @@ class TensorizedOptions:
     retrieve: int = 0
     retrieve_frame: str = "stacked"
     retrieve_block: int = 0
+    retrieve_score_block: int = 0
     backend: str = "auto"
 
     @property
@@ -78,6 +83,11 @@ class TensorizedOptions:
     def retrieval_block(self) -> int:
         """Tokens per retrieved far block: ``retrieve_block``, or n_m when it is 0."""
         return self.retrieve_block or self.block_sizes[-1]
+
+    @property
+    def retrieval_score_block(self) -> int:
+        """Slots per scored sub-block of a far block: ``retrieve_score_block``, or the retrieved block."""
+        return self.retrieve_score_block or self.retrieval_block
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,6 +174,18 @@ class TensorizedOptions:
                 f"{where}.retrieve_block: {rb} does not divide the inner block {bs[-1]} (block_sizes={list(bs)}); "
                 "use a divisor such as " + " or ".join(str(d) for d in (bs[-1] // 2, bs[-1]) if d > 0) + ", or 0"
             )
+        sb = self.retrieve_score_block
+        if isinstance(sb, bool) or not isinstance(sb, int) or sb < 0:
+            errors.append(
+                f"{where}.retrieve_score_block: expected 0 (score whole far blocks) or a positive integer, got {sb!r}"
+            )
+        elif (
+            sb and _positive_int(rb or (bs[-1] if isinstance(bs, tuple) and bs else None)) and self.retrieval_block % sb
+        ):
+            errors.append(
+                f"{where}.retrieve_score_block: {sb} does not divide the retrieved block of {self.retrieval_block} "
+                f"slots; use a divisor such as {self.retrieval_block // 4 or 1}, 1 (exact) or 0 (whole blocks)"
+            )
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")
         return errors
@@ -173,3 +195,7 @@ class TensorizedOptions:
         if errors:
             raise TensorizedConfigError("invalid tensorized attention settings:\n  - " + "\n  - ".join(errors))
         return self
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -10,7 +10,11 @@ stays reachable. The block score is the upper bound of ``q . k`` over the block'
 their per-channel minimum and maximum (Quest, Tang et al. 2024):
 ``sum_d max(q_d * kmin_d, q_d * kmax_d)``, one score per query head and far block, so the
 choice costs ``O(N * N / n * D)`` multiply-adds (like one outer hop) and reading the chosen
-blocks ``O(N * k * n * D)``.
+blocks ``O(N * k * n * D)``. With ``retrieve_score_block = s`` a block scores the largest such
+bound over its sub-blocks of ``s`` slots: a tighter score that costs ``O(N * N / s * D)``
+(``s = 1``: the exact ``max q . k``). The bound of a whole block grows with how varied its keys
+are, so among many far blocks of real text it favours varied blocks over the one that holds the
+answer (quality study, round 12).
 
 Positions: with ``rope="absolute"`` the retrieved keys keep the model's rotation (offsets as
 far as the block lies). With ``rope="axis"`` the query is moved to coordinate ``p - start``
@@ -98,7 +102,8 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     return ok
 
 
-# The choice scores every far block for every query: ``(B, Hq, Q, nb)`` bounds. Queries are
+# The choice scores every far (sub-)block for every query: ``(B, Hq, Q, nb * m / s)`` bounds
+# (``s = opts.retrieval_score_block``). Queries are
 # scored in chunks so that this tensor stays below this many elements (32 MiB in float32).
 SELECT_SCORE_BUDGET = 1 << 23
 
@@ -121,34 +126,39 @@ def far_block_index(
     nb)`` with ``nb = ceil(L / m)`` and ``m = opts.retrieval_block``: the (at most) ``opts.retrieve``
     eligible blocks of ``m`` slots with the highest bound, ``-1`` where fewer are eligible. A block
     is eligible when it ends before the query's local range starts and holds at least one
-    retrievable key. Queries are scored in chunks (``SELECT_SCORE_BUDGET``): memory ``O(L)``.
+    retrievable key; its score is the largest bound over its sub-blocks of
+    ``opts.retrieval_score_block`` slots that hold one. Queries are scored in chunks
+    (``SELECT_SCORE_BUDGET``): memory ``O(L)``.
     """
     b, hq, n_q, d = qs.shape
     hkv, length = ks.shape[1], ks.shape[2]
-    m = opts.retrieval_block
-    nb = math.ceil(length / m)
+    m, grain = opts.retrieval_block, opts.retrieval_score_block
+    nb, per = math.ceil(length / m), m // grain  # far blocks, scored sub-blocks per block
     pad = nb * m - length
-    kb = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, nb, m, d)
-    ok = F.pad(key_ok, (0, pad)).view(b, 1, nb, m, 1)
+    kb = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, nb * per, grain, d)
+    ok = F.pad(key_ok, (0, pad)).view(b, 1, nb * per, grain, 1)
     big = torch.finfo(kb.dtype).max
-    kmax = kb.masked_fill(~ok, -big).amax(dim=-2)  # (B, Hkv, nb, D)
+    kmax = kb.masked_fill(~ok, -big).amax(dim=-2)  # (B, Hkv, nb * per, D)
     kmin = kb.masked_fill(~ok, big).amin(dim=-2)
-    has_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb)
-    kmax, kmin = kmax.masked_fill(~has_keys[:, None, :, None], 0), kmin.masked_fill(~has_keys[:, None, :, None], 0)
+    sub_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb * per): sub-blocks holding a retrievable key
+    kmax, kmin = kmax.masked_fill(~sub_keys[:, None, :, None], 0), kmin.masked_fill(~sub_keys[:, None, :, None], 0)
+    has_keys = sub_keys.view(b, nb, per).any(dim=-1)  # (B, nb)
     g = hq // hkv
     if q_slots is None:
         q_slots = torch.arange(n_q, device=qs.device)
     start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
     top = min(opts.retrieve, nb)
-    rows = max(1, SELECT_SCORE_BUDGET // max(1, b * hq * nb))
+    rows = max(1, SELECT_SCORE_BUDGET // max(1, b * hq * nb * per))
     picks = []
     for first in range(0, n_q, rows):
         part = slice(first, min(first + rows, n_q))
         r = part.stop - part.start
         qg = qs[:, :, part].reshape(b, hkv, g * r, d)
         bound = qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)
-        bound = bound.view(b, hq, r, nb)  # (B, Hq, R, nb): max over the block of q . k, bounded
+        bound = bound.view(b, hq, r, nb * per)  # (B, Hq, R, nb * per): max over a sub-block of q . k, bounded
+        if per > 1:  # a block scores its best sub-block that holds keys
+            bound = bound.masked_fill(~sub_keys[:, None, None, :], float("-inf")).view(b, hq, r, nb, per).amax(-1)
         eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
         values, index = bound.masked_fill(~eligible, float("-inf")).topk(top, dim=-1)
         picks.append(torch.where(torch.isfinite(values), index, -1))

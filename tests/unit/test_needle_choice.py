@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from ..benchmark_script import load_benchmark
 
@@ -75,60 +74,12 @@ def test_a_model_without_retrieval_is_refused(tmp_path):
         script.main([str(_tiny_dir(tmp_path, 0)), *ARGS, "--out", str(tmp_path / "x.json")])
 
 
-def _brute_force_top(qs, ks, key_ok, top: int, n: int, m: int) -> list[list[list[int]]]:
-    """For every (query head, query) the ``top`` far blocks with the largest key score, window of 2n."""
-    hq, length = qs.shape[1], qs.shape[2]
-    scores = torch.einsum("hqd,hkd->hqk", qs[0], ks[0].repeat_interleave(hq // ks.shape[1], dim=0))
-    scores[:, :, ~key_ok[0]] = float("-inf")
-    out = []
-    for h in range(hq):
-        rows = []
-        for q in range(length):
-            far = max(q // n * n - n, 0) // m
-            best = {blk: float(scores[h, q, blk * m : blk * m + m].max()) for blk in range(far)}
-            rows.append(sorted(sorted(best, key=best.get, reverse=True)[:top]))
-        out.append(rows)
-    return out
-
-
-def _as_sets(index: torch.Tensor) -> list[list[list[int]]]:
-    return [[sorted(int(i) for i in row if i >= 0) for row in head] for head in index[0]]
-
-
-def test_score_grain_one_ranks_blocks_by_their_best_key_and_the_block_grain_is_the_shipped_bound():
-    from ctxext.attention.options import TensorizedOptions
-    from ctxext.attention.retrieve import far_block_index, retrievable_keys
-
+def test_the_exact_score_finds_at_least_what_the_bound_finds_with_one_block(tmp_path):
+    """``--set retrieve_score_block=1`` (the exact max q.k) reaches the choice the script records."""
     script = load_benchmark("needle_choice")
-    torch.manual_seed(0)
-    b, hq, hkv, length, d = 1, 4, 2, 200, 8  # GQA; blocks of 16, the last one partial
-    qs, ks = torch.randn(b, hq, length, d), torch.randn(b, hkv, length, d)
-    key_ok = retrievable_keys(torch.ones(b, length, dtype=torch.bool), sinks=3)
-    opts = TensorizedOptions(
-        block_sizes=(32,), sinks=3, local="window", long_range=False, retrieve=2, retrieve_block=16
-    )
-    script.GRAIN_SCORE_BUDGET = 1000  # several chunks of queries
-    exact = script.grained_far_block_index(1)(qs, ks, key_ok, opts, 32)
-    bound = far_block_index(qs, ks, key_ok, opts, 32)
-    assert torch.equal(script.grained_far_block_index(16)(qs, ks, key_ok, opts, 32), bound)
-    finer = script.grained_far_block_index(4)(qs, ks, key_ok, opts, 32)
-    assert exact.shape == bound.shape == (b, hq, length, 2)
-    want = _brute_force_top(qs, ks, key_ok, 2, 32, 16)
-    assert _as_sets(exact) == want
-    assert _as_sets(bound) != want, "the bound must choose differently somewhere, or this test shows nothing"
-    hits = [sum(a == w for a, w in zip(_as_sets(x)[h], want[h])) for x in (bound, finer) for h in range(hq)]
-    assert sum(hits[hq:]) > sum(hits[:hq]), "a finer grain agrees with the exact choice more often"
-    every = TensorizedOptions(**{**opts.to_dict(), "retrieve": 16})
-    assert _as_sets(script.grained_far_block_index(1)(qs, ks, key_ok, every, 32)) == _as_sets(
-        far_block_index(qs, ks, key_ok, every, 32)
-    ), "with every eligible block chosen the two scores agree"
-
-
-def test_a_finer_score_runs_the_model_and_is_removed_afterwards(tmp_path):
-    script = load_benchmark("needle_choice")
-    import ctxext.attention.retrieve as retrieve
-
-    shipped = retrieve.far_block_index
-    result = script.main([str(_tiny_dir(tmp_path, 1)), *ARGS, "--score-grain", "1", "--out", str(tmp_path / "e.json")])
-    assert retrieve.far_block_index is shipped
-    assert result["score_grain"] == 1 and "score grain 1" in result["label"] and len(result["samples"]) == 2
+    model = str(_tiny_dir(tmp_path, 1))
+    bound = script.main([model, *ARGS, "--out", str(tmp_path / "b.json")])
+    exact = script.main([model, *ARGS, "--set", "retrieve_score_block=1", "--out", str(tmp_path / "e.json")])
+    assert exact["options"]["retrieve_score_block"] == 1 and "retrieve_score_block=1" in exact["label"]
+    shares = [[t["chosen_share"] for s in r["samples"] for t in s["tokens"]] for r in (bound, exact)]
+    assert shares[0] != shares[1], "another score must change which blocks are chosen"

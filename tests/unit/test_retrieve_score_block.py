@@ -1,0 +1,144 @@
+"""``retrieve_score_block = s``: a far block is scored by the largest bound on ``q . k`` over its
+sub-blocks of s slots. Checked against a brute-force choice; s = the retrieved block is the
+shipped score, s = 1 the exact ``max q . k``; the torch backend against the reference; the convert
+flag, the decode cache and the errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctxext.attention import retrieve
+from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
+from ctxext.attention.retrieve import far_block_index, retrievable_keys
+
+from . import operator_cases as oc
+from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
+
+
+def _brute_force_top(qs, ks, key_ok, top: int, n: int, m: int, s: int) -> list[list[list[int]]]:
+    """Batch row 0, for every (query head, query): the ``top`` far blocks of m (window of 2n) whose
+    best sub-block of s slots with a retrievable key has the largest bound ``sum_d max(q_d kmin_d, q_d kmax_d)``."""
+    hq, length = qs.shape[1], qs.shape[2]
+    keys = ks[0].repeat_interleave(hq // ks.shape[1], dim=0)  # (Hq, L, D)
+    out = []
+    for h in range(hq):
+        rows = []
+        for q in range(length):
+            best = {}
+            for blk in range(max(q // n * n - n, 0) // m):
+                for sub in range(blk * m, blk * m + m, s):
+                    real = [t for t in range(sub, min(sub + s, length)) if key_ok[0, t]]
+                    if real:
+                        kk = keys[h, real]
+                        bound = float(torch.maximum(qs[0, h, q] * kk.amin(0), qs[0, h, q] * kk.amax(0)).sum())
+                        best[blk] = max(best.get(blk, float("-inf")), bound)
+            rows.append(sorted(sorted(best, key=best.get, reverse=True)[:top]))
+        out.append(rows)
+    return out
+
+
+def _as_sets(index: torch.Tensor) -> list[list[list[int]]]:
+    return [[sorted(int(i) for i in row if i >= 0) for row in head] for head in index[0]]
+
+
+OPTS = dict(block_sizes=(32,), sinks=3, local="window", long_range=False, retrieve=2, retrieve_block=16)
+
+
+def _case(length=200):
+    torch.manual_seed(0)
+    qs, ks = torch.randn(1, 4, length, 8), torch.randn(1, 2, length, 8)  # GQA; far blocks of 16, the last partial
+    return qs, ks, retrievable_keys(torch.ones(1, length, dtype=torch.bool), sinks=3)
+
+
+def test_each_score_block_chooses_as_the_brute_force_and_one_is_the_exact_max(monkeypatch):
+    qs, ks, key_ok = _case()
+    shipped = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS), 32)
+    assert torch.equal(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=16), 32), shipped)
+    monkeypatch.setattr(retrieve, "SELECT_SCORE_BUDGET", 1000)  # several chunks of queries
+    exact = _as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=1), 32))
+    scores = torch.einsum("hqd,hkd->hqk", qs[0], ks[0].repeat_interleave(2, dim=0))
+    scores[:, :, ~key_ok[0]] = float("-inf")
+    for h, q in ((0, 199), (3, 150), (1, 96)):  # s = 1 by the plain max of q . k
+        best = {b: float(scores[h, q, b * 16 : b * 16 + 16].max()) for b in range((q // 32 * 32 - 32) // 16)}
+        assert exact[h][q] == sorted(sorted(best, key=best.get, reverse=True)[:2])
+    brute = {s: _brute_force_top(qs, ks, key_ok, 2, 32, 16, s) for s in (1, 4, 16)}
+    assert exact == brute[1] and _as_sets(shipped) == brute[16]
+    finer = _as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=4), 32))
+    assert finer == brute[4]
+    assert brute[16] != brute[1], "the bound must choose differently somewhere, or this test shows nothing"
+    agree = [sum(a == w for h in range(4) for a, w in zip(x[h], brute[1][h])) for x in (brute[16], finer)]
+    assert agree[1] > agree[0], f"a finer score agrees with the exact choice more often: {agree}"
+
+
+def test_a_sub_block_without_keys_never_scores():
+    """With every real bound negative, an empty sub-block scored 0 would win every choice."""
+    qs, ks, _ = _case(120)
+    qs, ks = -qs.abs(), ks.abs()
+    valid = torch.ones(1, 120, dtype=torch.bool)
+    valid[0, 36:40] = False  # the last sub-block of 4 of far block 2 (slots 32..47) has no key
+    key_ok = retrievable_keys(valid, 3)
+    opts = TensorizedOptions(**OPTS, retrieve_score_block=4)
+    got = _as_sets(far_block_index(qs, ks, key_ok, opts, 32))
+    assert got == _brute_force_top(qs, ks, key_ok, 2, 32, 16, 4)
+    eligible = [(h, q) for h in range(4) for q in range(120) if (q // 32 * 32 - 32) // 16 > 3]
+    assert any(2 not in got[h][q] for h, q in eligible), "block 2 must not win merely for its empty sub-block"
+
+
+def test_every_eligible_block_is_chosen_whatever_the_score():
+    qs, ks, key_ok = _case()
+    every = {**OPTS, "retrieve": 16}
+    sets = [_as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**every, retrieve_score_block=s), 32))
+            for s in (0, 4, 1)]  # fmt: skip
+    assert sets[0] == sets[1] == sets[2]
+
+
+@pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
+def test_torch_matches_reference(rope, frame):
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
+    opts = {"rope": rope, "sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2,
+            "retrieve_frame": frame, "retrieve_block": 4, "retrieve_score_block": 1}  # fmt: skip
+    got = oc.run_slots("torch", q, k, v, (8,), opts)
+    oc.assert_close(got, oc.run_slots("reference", q, k, v, (8,), opts), 1e-12, "torch vs reference")
+    whole = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_score_block": 0})
+    assert (got - whole).abs().max() > 1e-6, "the exact score must choose differently from the bound here"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(3, "retrieve_score_block: 3 does not divide the retrieved block of 4 slots"),
+     (-1, "retrieve_score_block: expected 0"), (True, "retrieve_score_block: expected 0"),
+     ("2", "retrieve_score_block: expected 0")],
+)  # fmt: skip
+def test_bad_retrieve_score_block_is_named(value, message):
+    with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{message}"):
+        TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_block": 4,
+                                     "retrieve_score_block": value})  # fmt: skip
+
+
+def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from ctxext.attention.hf import options_from_config
+    from ctxext.cli import app
+    from tests.unit.test_convert import _save_source
+
+    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
+    args = ["convert", str(src), str(out), "--block-sizes", "8", "--retrieve", "2", "--retrieve-block", "4"]
+    result = CliRunner().invoke(app, [*args, "--retrieve-score-block", "1"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert options_from_config(model.config).retrieval_score_block == 1
+    ids = torch.randint(0, 127, (1, 45))
+    with torch.no_grad():
+        exact = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_score_block": 0}
+        bound = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_score_block": 1}
+    assert (exact[0, :24] - bound[0, :24]).abs().max() < 1e-5, "at most 2 far blocks before slot 24: all chosen"
+    assert (exact[0, 24:] - bound[0, 24:]).abs().max() > 1e-4, "the exact score changes later logits"
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "bad"), *args[3:], "--retrieve-score-block", "3"])
+    assert bad.exit_code != 0 and "--retrieve-score-block" in bad.output and not (tmp_path / "bad").exists()
