@@ -5,6 +5,7 @@ full attention, side by side in one process, and how many far blocks a query blo
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --retrieve 4 --axis-frames stacked,ordered
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8,128:8:64  # block:retrieve[:of]
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --shapes 128:8:64 --hops  # outer hops on vs off
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:8:64,128:8:64:16,128:8:64:1  # score block
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
 (``retrieve``, ``long_range``, and ``block_sizes`` with ``--shapes``), and ``sdpa`` runs the same
@@ -70,22 +71,27 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
 
 def shape_variants(text: str, hops: bool = False) -> list[tuple[str, dict]]:
     """``"128:4,64:8,128:8:64"`` -> per block size, the window-only run and the run retrieving that
-    many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``);
-    with ``hops``, each retrieval run again with the tensorized outer hops on (``long_range``)."""
+    many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``,
+    scored by sub-blocks of the optional fourth field's size: ``retrieve_score_block``); with
+    ``hops``, each retrieval run again with the tensorized outer hops on (``long_range``)."""
     variants, windows = [], set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         fields = item.split(":")
-        if not (2 <= len(fields) <= 3 and all(f.isdigit() and int(f) > 0 for f in fields)):
+        if not (2 <= len(fields) <= 4 and all(f.isdigit() and int(f) > 0 for f in fields)):
             raise SystemExit(
-                f"--shapes: expected BLOCK:RETRIEVE[:RETRIEVE_BLOCK] such as 128:4,64:8,128:8:64, got {item!r}"
+                "--shapes: expected BLOCK:RETRIEVE[:RETRIEVE_BLOCK[:SCORE_BLOCK]] such as 128:4,64:8,128:8:64:16, "
+                f"got {item!r}"
             )
         size, k, *of = (int(f) for f in fields)
+        scored = of[1:]
         blocks = {"block_sizes": [size], "long_range": False}
         if size not in windows:
             windows.add(size)
             variants.append((f"blocks of {size}, window only", {**blocks, "retrieve": 0}))
         label = f"blocks of {size}, window + retrieve {k}" + (f" of {of[0]}" if of else "")
-        variants.append((label, {**blocks, "retrieve": k, "retrieve_block": of[0] if of else 0}))
+        label += f", scored by sub-blocks of {scored[0]}" if scored else ""
+        retrieval = {"retrieve": k, "retrieve_block": of[0] if of else 0}
+        variants.append((label, {**blocks, **retrieval, **({"retrieve_score_block": scored[0]} if scored else {})}))
         if hops:
             variants.append((f"{label} + outer hops", {**variants[-1][1], "long_range": True}))
     return variants

@@ -48,7 +48,17 @@ def test_hops_twin_each_retrieval_run_with_the_outer_hops_on(cost):
     assert variants[1][1]["long_range"] is False and variants[0][1]["long_range"] is False
 
 
-@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4"])
+def test_a_fourth_field_scores_far_blocks_by_sub_blocks(cost):
+    variants = cost.shape_variants("128:8:64,128:8:64:16")
+    assert [label for label, _ in variants][1:] == [
+        "blocks of 128, window + retrieve 8 of 64",
+        "blocks of 128, window + retrieve 8 of 64, scored by sub-blocks of 16",
+    ]
+    assert "retrieve_score_block" not in variants[1][1]
+    assert variants[2][1] == {**variants[1][1], "retrieve_score_block": 16}
+
+
+@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4:5", "128:8:64:0"])
 def test_bad_shape_names_itself(cost, bad):
     with pytest.raises(SystemExit, match=f"--shapes: .*{bad!r}"):
         cost.shape_variants(f"64:8,{bad}")
