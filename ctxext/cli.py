@@ -619,6 +619,10 @@ def bench(
     retrieve_block: Annotated[
         int | None, typer.Option(help="Slots per retrieved far block (the shipped recipes: 64; 0: the inner block).")
     ] = None,
+    retrieve_score_block: Annotated[
+        int | None,
+        typer.Option(help="Score far blocks by sub-blocks of this many slots (0: whole blocks; 1: exact max q.k)."),
+    ] = None,
     grad_checkpointing: Annotated[
         str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
     ] = None,
@@ -637,6 +641,7 @@ def bench(
 
     options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge, "rope": rope}
     options |= {"long_range": long_range, "retrieve": retrieve, "retrieve_block": retrieve_block}
+    options["retrieve_score_block"] = retrieve_score_block
     try:
         if block_sizes is not None:
             options["block_sizes"] = parse_block_sizes(block_sizes)

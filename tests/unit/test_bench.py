@@ -116,6 +116,10 @@ def test_outputs_table_json_png(tiny_run):
         (["--causal", "sideways"], "--causal: unknown mode 'sideways'"),
         (["--block-sizes", "16,a"], "--block-sizes: 'a' is not an integer"),
         (["--block-sizes", "16", "--retrieve", "2", "--retrieve-block", "5"], "--retrieve-block"),
+        (
+            ["--block-sizes", "16", "--retrieve", "2", "--retrieve-block", "8", "--retrieve-score-block", "3"],
+            "--retrieve-score-block",
+        ),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path, args, message):
@@ -141,14 +145,15 @@ def test_the_shipped_attention_is_benchmarked_as_asked(tmp_path):
     result, text = invoke(
         "--model", "tiny-random:llama", "--lengths", "96", "--what", "attention", "--device", "cpu",
         "--block-sizes", "16", "--sinks", "4", "--local", "window", "--no-long-range", "--retrieve", "2",
-        "--retrieve-block", "8", "--rope", "axis", "--threads", "1", "--repeats", "1", "--out", tmp_path,
+        "--retrieve-block", "8", "--retrieve-score-block", "2", "--rope", "axis", "--threads", "1", "--repeats", "1",
+        "--out", tmp_path,
     )  # fmt: skip
     assert result.exit_code == 0, text
     data = json.loads((tmp_path / "bench.json").read_text())
     opts = data["tensorized_options"]
     assert (opts["retrieve"], opts["retrieve_block"], opts["long_range"], opts["sinks"]) == (2, 8, False, 4)
-    assert opts["rope"] == "axis"
-    assert "--no-long-range --retrieve 2 --retrieve-block 8" in data["command"]
+    assert opts["rope"] == "axis" and opts["retrieve_score_block"] == 2
+    assert "--no-long-range --retrieve 2 --retrieve-block 8 --retrieve-score-block 2" in data["command"]
     cells = [c for c in data["cells"] if c.get("method") == "ta-torch"]
     assert cells and all(not c.get("error") and c["median_s"] > 0 for c in cells)
 
