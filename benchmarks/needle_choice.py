@@ -4,6 +4,8 @@ whether the far block it had to read each one from was chosen.
     python benchmarks/needle_choice.py runs/study/train/retrieve-b64/adapter --set rope=axis \\
         --lengths 2k,8k --depths 0.1,0.5,0.9 --seeds 0,1 --out runs/r12/needle_choice.json \\
         --plot runs/r12/needle_choice.png
+    python benchmarks/needle_choice.py --overlay bound=runs/r12/nc-base.json exact=runs/r12/nc-exact.json \
+        --plot docs/study/round12/needle_choice_layers.png   # runs side by side, no model
 
 ``ctxext eval --tasks needle`` says whether a sample passed; this says why one failed. For each
 (length, depth, seed) the eval's own needle sample (``ctxext.evaluate.tasks.make_sample``: "The
@@ -138,24 +140,64 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def overlay(named: list[str], path: Path) -> dict:
+    """Several saved runs (``LABEL=JSON``) in one figure: per length, the mean chosen share of the
+    needle's far answer tokens by layer, and each run's needles passed. Returns the summaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for item in named:
+        label, sep, file = item.partition("=")
+        if not sep or not Path(file).is_file():
+            raise SystemExit(f"--overlay: expected LABEL=JSON of an earlier run, got {item!r}")
+        runs[label] = json.loads(Path(file).read_text())
+    lengths = sorted({s["length"] for r in runs.values() for s in r["samples"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False, sharey=True)
+    for ax, length in zip(axes[0], lengths):
+        for label, run in runs.items():
+            far = [t["per_layer"] for s in run["samples"] if s["length"] == length for t in s["tokens"] if t["far"]]
+            if far:
+                s = run["summary"][str(length)]
+                name = (
+                    f"{label}: {s['passed']}/{s['needles']} needles, {s['far_tokens_right']}/{s['far_tokens']} tokens"
+                )
+                ax.plot(100 * np.mean(far, axis=0), "o-", ms=3, label=name)
+        ax.set(title=f"{length:,} tokens", xlabel="layer", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("% of heads choosing the needle token's block")
+    fig.suptitle("needle answer tokens beyond the window: chosen share by layer")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {label: run["summary"] for label, run in runs.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="a tensorized model with retrieve > 0: adapter or model directory, or a source")
+    ap.add_argument(
+        "model", nargs="?", help="a tensorized model with retrieve > 0: adapter or model directory, or a source"
+    )
     ap.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE tensorized override")
     ap.add_argument("--lengths", default="2k,8k", help="comma-separated lengths (k = 1,024)")
     ap.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated needle depths in [0, 1]")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own city, number, text)")
-    ap.add_argument(
-        "--score-grain",
-        type=int,
-        default=0,
-        help="score far blocks by sub-blocks of this many slots (1: exact; 0: shipped)",
-    )
     ap.add_argument("--label", help="name in the plot title (default: the model and its --set)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", type=Path, required=True, help="JSON with every needle and token")
+    ap.add_argument("--out", type=Path, help="JSON with every needle and token (required with a model)")
+    ap.add_argument("--overlay", nargs="+", metavar="LABEL=JSON", help="draw saved runs side by side into --plot")
     ap.add_argument("--plot", type=Path, help="PNG: chosen share by layer, right vs wrong tokens")
     args = ap.parse_args(argv)
+    if args.overlay:
+        if not args.plot:
+            ap.error("--overlay draws into --plot PNG; give one")
+        return overlay(args.overlay, args.plot)
+    if not args.model or not args.out:
+        ap.error("give a MODEL and --out (or --overlay LABEL=JSON ... --plot PNG)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -170,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
     if opts is None or not opts.retrieve:
         raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
-    label = args.label or " ".join(
-        [Path(args.model).name, *args.settings, *([f"score grain {args.score_grain}"] * bool(args.score_grain))]
-    )
+    label = args.label or " ".join([Path(args.model).name, *args.settings])
     result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
     recorder = RowRecorder(tb.select_far_blocks)
     tb.select_far_blocks = recorder

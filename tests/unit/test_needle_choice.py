@@ -58,6 +58,11 @@ def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
     assert summary["needles"] == 2 and summary["far_tokens"] == len(far)
     assert summary["far_tokens_right"] == sum(t["correct"] for s in one["samples"] for t in s["tokens"] if t["far"])
     assert (tmp_path / "p.png").stat().st_size > 1000
+    drawn = script.main(["--overlay", f"every={tmp_path / 'a.json'}", f"one={tmp_path / 'b.json'}",
+                         "--plot", str(tmp_path / "o.png")])  # fmt: skip
+    assert drawn["one"]["1024"] == summary and (tmp_path / "o.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="LABEL=JSON"):
+        script.main(["--overlay", str(tmp_path / "a.json"), "--plot", str(tmp_path / "x.png")])
 
 
 def test_copy_sources_find_the_answer_after_the_needle():
