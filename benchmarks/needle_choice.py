@@ -157,14 +157,14 @@ def overlay(named: list[str], path: Path) -> dict:
     lengths = sorted({s["length"] for r in runs.values() for s in r["samples"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths):
-        for label, run in runs.items():
+        for color, (label, run) in enumerate(runs.items()):
             far = [t["per_layer"] for s in run["samples"] if s["length"] == length for t in s["tokens"] if t["far"]]
             if far:
                 s = run["summary"][str(length)]
                 name = (
                     f"{label}: {s['passed']}/{s['needles']} needles, {s['far_tokens_right']}/{s['far_tokens']} tokens"
                 )
-                ax.plot(100 * np.mean(far, axis=0), "o-", ms=3, label=name)
+                ax.plot(100 * np.mean(far, axis=0), "o-", ms=3, color=f"C{color}", label=name)  # one color per run
         ax.set(title=f"{length:,} tokens", xlabel="layer", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
