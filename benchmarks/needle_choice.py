@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
     label = args.label or " ".join([Path(args.model).name, *args.settings])
     result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
-    recorder = RowRecorder(tb.select_far_blocks)
+    recorder = ChoiceRecorder(tb.select_far_blocks)
     tb.select_far_blocks = recorder
     try:
         for length in (parse_length(x) for x in args.lengths.split(",")):
@@ -246,17 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         plot(result, args.plot)
     return result
-
-
-class RowRecorder(ChoiceRecorder):
-    """A :class:`ChoiceRecorder` that keeps only the choice of the query slots in ``rows``: ``(Hq, R, nb)``."""
-
-    rows: torch.Tensor | None = None
-
-    def __call__(self, *args, **kwargs):
-        chosen = self.choose(*args, **kwargs)
-        self.calls.append(chosen[0][:, self.rows].clone())
-        return chosen
 
 
 def _pct(x: float | None) -> str:

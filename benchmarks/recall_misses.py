@@ -30,14 +30,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 class ChoiceRecorder:
-    """Wraps ``torch_backend.select_far_blocks``: keeps each call's ``(Hq, L, nb)`` choice (batch 1)."""
+    """Wraps ``torch_backend.select_far_blocks``: keeps each call's ``(Hq, L, nb)`` choice (batch 1),
+    or only the query slots in ``rows`` (``(Hq, R, nb)``) when it is set."""
+
+    rows: torch.Tensor | None = None
 
     def __init__(self, choose):
         self.choose, self.calls = choose, []
 
     def __call__(self, *args, **kwargs):
         chosen = self.choose(*args, **kwargs)
-        self.calls.append(chosen[0].clone())
+        self.calls.append((chosen[0] if self.rows is None else chosen[0][:, self.rows]).clone())
         return chosen
 
 
