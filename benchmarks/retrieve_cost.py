@@ -6,6 +6,7 @@ full attention, side by side in one process, and how many far blocks a query blo
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:4,64:8,128:8:64  # block:retrieve[:of]
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 2048,8192 --shapes 128:8:64 --hops  # outer hops on vs off
     python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:8:64,128:8:64:16,128:8:64:1  # score block
+    python benchmarks/retrieve_cost.py MODEL_DIR --lengths 8192 --shapes 128:8:64:64:32  # 32 candidates, exact re-rank
 
 MODEL_DIR is a tensorized model (``ctxext convert``); its settings are changed in place per run
 (``retrieve``, ``long_range``, and ``block_sizes`` with ``--shapes``), and ``sdpa`` runs the same
@@ -72,26 +73,31 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
 def shape_variants(text: str, hops: bool = False) -> list[tuple[str, dict]]:
     """``"128:4,64:8,128:8:64"`` -> per block size, the window-only run and the run retrieving that
     many far blocks (of the inner block, or of the optional third field's size: ``retrieve_block``,
-    scored by sub-blocks of the optional fourth field's size: ``retrieve_score_block``); with
+    scored by sub-blocks of the optional fourth field's size: ``retrieve_score_block``, with the
+    optional fifth field's number of candidates re-ranked by the exact score: ``retrieve_candidates``); with
     ``hops``, each retrieval run again with the tensorized outer hops on (``long_range``)."""
     variants, windows = [], set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         fields = item.split(":")
-        if not (2 <= len(fields) <= 4 and all(f.isdigit() and int(f) > 0 for f in fields)):
+        if not (2 <= len(fields) <= 5 and all(f.isdigit() and int(f) > 0 for f in fields)):
             raise SystemExit(
-                "--shapes: expected BLOCK:RETRIEVE[:RETRIEVE_BLOCK[:SCORE_BLOCK]] such as 128:4,64:8,128:8:64:16, "
+                "--shapes: expected BLOCK:RETRIEVE[:RETRIEVE_BLOCK[:SCORE_BLOCK[:CANDIDATES]]] such as "
+                "128:4,64:8,128:8:64:16,128:8:64:64:32, "
                 f"got {item!r}"
             )
         size, k, *of = (int(f) for f in fields)
-        scored = of[1:]
+        scored, proposed = of[1:2], of[2:]
         blocks = {"block_sizes": [size], "long_range": False}
         if size not in windows:
             windows.add(size)
             variants.append((f"blocks of {size}, window only", {**blocks, "retrieve": 0}))
         label = f"blocks of {size}, window + retrieve {k}" + (f" of {of[0]}" if of else "")
         label += f", scored by sub-blocks of {scored[0]}" if scored else ""
+        label += f", exact re-rank of {proposed[0]} candidates" if proposed else ""
         retrieval = {"retrieve": k, "retrieve_block": of[0] if of else 0}
-        variants.append((label, {**blocks, **retrieval, **({"retrieve_score_block": scored[0]} if scored else {})}))
+        retrieval |= {"retrieve_score_block": scored[0]} if scored else {}
+        retrieval |= {"retrieve_candidates": proposed[0]} if proposed else {}
+        variants.append((label, {**blocks, **retrieval}))
         if hops:
             variants.append((f"{label} + outer hops", {**variants[-1][1], "long_range": True}))
     return variants
@@ -118,8 +124,8 @@ def main() -> None:
     ap.add_argument(
         "--shapes",
         default="",
-        help="block size:retrieve[:retrieve block], e.g. 128:4,64:8,128:8:64 (each with its window-only run); "
-        "replaces --retrieve and --axis-frames",
+        help="block size:retrieve[:retrieve block[:score block[:candidates]]], e.g. 128:4,128:8:64,128:8:64:64:32 "
+        "(each with its window-only run); replaces --retrieve and --axis-frames",
     )
     ap.add_argument("--hops", action="store_true", help="with --shapes: each retrieval run also with outer hops")
     ap.add_argument("--repeats", type=int, default=3)

@@ -102,6 +102,13 @@ def convert(
             "(0: the whole block; 1: exact max q.k). Finer finds a needle among many far blocks, at a higher cost."
         ),
     ] = 0,
+    retrieve_candidates: Annotated[
+        int,
+        typer.Option(
+            help="Two-stage choice: the bound proposes this many far blocks per query and the exact max q.k "
+            "over their keys picks --retrieve of them (0: the bound alone; at least --retrieve)."
+        ),
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -141,6 +148,7 @@ def convert(
             retrieve_frame=retrieve_frame,
             retrieve_block=default_retrieve_block(block_sizes, retrieve_block),
             retrieve_score_block=retrieve_score_block,
+            retrieve_candidates=retrieve_candidates,
             backend=backend,
         )
         errors = options.problems(where="option")
@@ -623,6 +631,10 @@ def bench(
         int | None,
         typer.Option(help="Score far blocks by sub-blocks of this many slots (0: whole blocks; 1: exact max q.k)."),
     ] = None,
+    retrieve_candidates: Annotated[
+        int | None,
+        typer.Option(help="Far blocks the bound proposes before the exact max q.k picks --retrieve (0: off)."),
+    ] = None,
     grad_checkpointing: Annotated[
         str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
     ] = None,
@@ -641,7 +653,7 @@ def bench(
 
     options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge, "rope": rope}
     options |= {"long_range": long_range, "retrieve": retrieve, "retrieve_block": retrieve_block}
-    options["retrieve_score_block"] = retrieve_score_block
+    options |= {"retrieve_score_block": retrieve_score_block, "retrieve_candidates": retrieve_candidates}
     try:
         if block_sizes is not None:
             options["block_sizes"] = parse_block_sizes(block_sizes)

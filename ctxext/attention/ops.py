@@ -124,6 +124,7 @@ def tensorized_attention(
     retrieve_frame: str = "stacked",
     retrieve_block: int = 0,
     retrieve_score_block: int = 0,
+    retrieve_candidates: int = 0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -156,6 +157,8 @@ def tensorized_attention(
             (0: the inner block).
         retrieve_score_block: slots per scored sub-block of a far block, a divisor of the
             retrieved block (0: the whole block; 1: the exact ``max q . k``).
+        retrieve_candidates: far blocks the bound proposes per query before the exact
+            ``max q . k`` over their keys picks the ``retrieve`` best (0: the bound alone).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -187,6 +190,7 @@ def tensorized_attention(
         retrieve_frame=retrieve_frame,
         retrieve_block=retrieve_block,
         retrieve_score_block=retrieve_score_block,
+        retrieve_candidates=retrieve_candidates,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

@@ -57,6 +57,10 @@ class TensorizedOptions:
         is scored by the largest bound on ``q . k`` over its sub-blocks of this many slots, a
         divisor of the retrieved block: finer is tighter and costs more to choose; 1 scores the
         exact ``max q . k`` over the block's keys (quality study, round 12).
+    retrieve_candidates: far blocks the bound proposes per query before the exact ``max q . k``
+        over their keys picks the ``retrieve`` best of them (0: the bound chooses alone). At least
+        ``retrieve``; the choice then equals the exact score's whenever the exact best blocks are
+        among the candidates (quality study, round 13).
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -72,6 +76,7 @@ class TensorizedOptions:
     retrieve_frame: str = "stacked"
     retrieve_block: int = 0
     retrieve_score_block: int = 0
+    retrieve_candidates: int = 0
     backend: str = "auto"
 
     @property
@@ -185,6 +190,16 @@ class TensorizedOptions:
             errors.append(
                 f"{where}.retrieve_score_block: {sb} does not divide the retrieved block of {self.retrieval_block} "
                 f"slots; use a divisor such as {self.retrieval_block // 4 or 1}, 1 (exact) or 0 (whole blocks)"
+            )
+        rc = self.retrieve_candidates
+        if isinstance(rc, bool) or not isinstance(rc, int) or rc < 0:
+            errors.append(
+                f"{where}.retrieve_candidates: expected 0 (the bound chooses alone) or a positive integer, got {rc!r}"
+            )
+        elif rc and _positive_int(self.retrieve) and rc < self.retrieve:
+            errors.append(
+                f"{where}.retrieve_candidates: {rc} candidates cannot hold the {self.retrieve} blocks retrieved; "
+                f"use at least retrieve ({self.retrieve}), e.g. {4 * self.retrieve}, or 0"
             )
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")

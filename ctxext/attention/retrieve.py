@@ -14,7 +14,11 @@ blocks ``O(N * k * n * D)``. With ``retrieve_score_block = s`` a block scores th
 bound over its sub-blocks of ``s`` slots: a tighter score that costs ``O(N * N / s * D)``
 (``s = 1``: the exact ``max q . k``). The bound of a whole block grows with how varied its keys
 are, so among many far blocks of real text it favours varied blocks over the one that holds the
-answer (quality study, round 12).
+answer (quality study, round 12). With ``retrieve_candidates = C > k`` the choice has two
+stages: the bound proposes each query's ``C`` best far blocks, and the exact ``max q . k`` over
+their keys picks the ``k`` best of them; the choice is the exact score's whenever the exact best
+``k`` blocks are among the candidates, and the exact stage reads ``C * m`` keys per query
+(linear in N for a fixed C, once a kernel gathers them per query; see :func:`exact_block_scores`).
 
 Positions: with ``rope="absolute"`` the retrieved keys keep the model's rotation (offsets as
 far as the block lies). With ``rope="axis"`` the query is moved to coordinate ``p - start``
@@ -149,6 +153,7 @@ def far_block_index(
     start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
     top = min(opts.retrieve, nb)
+    proposed = max(opts.retrieve_candidates, top)  # blocks the bound proposes (= top: it chooses alone)
     rows = max(1, SELECT_SCORE_BUDGET // max(1, b * hq * nb * per))
     picks = []
     for first in range(0, n_q, rows):
@@ -160,9 +165,57 @@ def far_block_index(
         if per > 1:  # a block scores its best sub-block that holds keys
             bound = bound.masked_fill(~sub_keys[:, None, None, :], float("-inf")).view(b, hq, r, nb, per).amax(-1)
         eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
-        values, index = bound.masked_fill(~eligible, float("-inf")).topk(top, dim=-1)
+        values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(proposed, nb), dim=-1)
+        if values.shape[-1] > top:  # two stages: the exact max q . k over the candidates' keys picks the top
+            exact = exact_block_scores(qs[:, :, part], ks, key_ok, index, m)
+            values, best = exact.masked_fill(~torch.isfinite(values), float("-inf")).topk(top, dim=-1)
+            index = index.gather(-1, best)
         picks.append(torch.where(torch.isfinite(values), index, -1))
     return torch.cat(picks, dim=2)
+
+
+# The exact stage of a two-stage choice scores ``(B, Hkv, g * R, U * m)`` q . k products for R
+# queries over the union U of their candidate blocks; R is chosen to keep it below this many elements.
+EXACT_SCORE_BUDGET = 1 << 24
+
+
+def exact_block_scores(
+    qs: torch.Tensor, ks: torch.Tensor, key_ok: torch.Tensor, index: torch.Tensor, m: int
+) -> torch.Tensor:
+    """The exact ``max q . k`` of each query over the retrievable keys of its candidate blocks.
+
+    qs: ``(B, Hq, Q, D)`` and ks ``(B, Hkv, L, D)`` in the selection frame; key_ok: ``(B, L)``;
+    index: ``(B, Hq, Q, C)`` long candidate block numbers (blocks of ``m`` slots; any entry for a
+    query without candidates is scored too and must be masked by the caller). Returns
+    ``(B, Hq, Q, C)`` float: ``-inf`` for a block without a retrievable key.
+
+    R queries at a time: one matmul over the union of the blocks any of them proposed (GQA by
+    index, k is never repeated), then each query keeps the maxima of its own candidates. Memory
+    ``O(EXACT_SCORE_BUDGET)``; work ``O(Q * U * m * D)``, at most the full ``q . k`` product.
+    """
+    b, hq, n_q, d = qs.shape
+    hkv, length = ks.shape[1], ks.shape[2]
+    g, nb = hq // hkv, math.ceil(length / m)
+    pad = nb * m - length
+    kb = F.pad(ks, (0, 0, 0, pad))  # (B, Hkv, nb * m, D)
+    ok = F.pad(key_ok, (0, pad)).view(b, 1, 1, nb, m)
+    offsets = torch.arange(m, device=qs.device)
+    scores = []
+    rows = max(1, EXACT_SCORE_BUDGET // max(1, b * hq * nb * m))  # the union is at most every block
+    for first in range(0, n_q, rows):
+        part = slice(first, min(first + rows, n_q))
+        r = part.stop - part.start
+        cand = index[:, :, part]  # (B, Hq, R, C)
+        used = cand.unique()  # (U,) sorted block numbers any query here proposed
+        where = torch.full((nb,), -1, dtype=torch.long, device=qs.device).scatter(
+            0, used, torch.arange(used.numel(), device=qs.device)
+        )  # block number -> its column in the union
+        slots = (used[:, None] * m + offsets).flatten()  # (U * m,)
+        qk = qs[:, :, part].reshape(b, hkv, g * r, d) @ kb[:, :, slots].transpose(-1, -2)  # (B, Hkv, g*R, U*m)
+        qk = qk.view(b, hq, r, used.numel(), m).masked_fill(~ok[:, :, :, used], float("-inf"))
+        best = qk.amax(dim=-1)  # (B, Hq, R, U): exact max q . k per union block
+        scores.append(best.gather(-1, where[cand]))
+    return torch.cat(scores, dim=2)
 
 
 def select_far_blocks(

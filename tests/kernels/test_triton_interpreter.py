@@ -276,6 +276,10 @@ SIDE_STREAM_CASES = {
         (4, 4), 45, (2, 1), dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, rope="axis",
                                  retrieve_frame="ordered"), None,
     ),
+    "b4x4-n45-two-stage-choice": (
+        (4, 4), 45, (4, 2), dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, rope="axis",
+                                 retrieve_candidates=3), None,
+    ),
 }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from ctxext.attention.retrieve import retrievable_keys, select_far_blocks
 from ctxext.attention.triton_backend import unsupported_reason
 
 from . import operator_cases as oc
+from .convert_flag_check import check_convert_flag
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 from .test_operator_invariants import check_causal, check_convex
 
@@ -151,31 +152,7 @@ def test_kernels_run_the_shipped_default_and_name_what_they_do_not():
 
 
 def test_convert_option_reaches_the_model_and_generation_with_the_cache_matches_without(tmp_path):
-    from transformers import AutoModelForCausalLM
-    from typer.testing import CliRunner
-
-    from ctxext.attention.hf import options_from_config
-    from ctxext.cli import app
-    from tests.unit.test_convert import _save_source
-
-    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
-    args = ["convert", str(src), str(out), "--block-sizes", "8", "--retrieve", "2"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert options_from_config(model.config).retrieve == 2
-    ids = torch.randint(0, 127, (1, 40))
-    with torch.no_grad():
-        with_retrieval = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve": 0}
-        without = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve": 2}
-    assert (with_retrieval[0, :16] - without[0, :16]).abs().max() < 1e-5, "no far block before slot 16"
-    assert (with_retrieval[0, 16:] - without[0, 16:]).abs().max() > 1e-4, "far blocks change later logits"
-    cached = model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(cached, model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False))
-    bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve", "-1"])
-    assert bad.exit_code != 0 and "--retrieve" in bad.output and not (tmp_path / "bad").exists()
+    check_convert_flag(tmp_path, ["--retrieve", "2"], "retrieve", 2, off=0, same_before=16, bad_value="-1", length=40)
 
 
 ORDERED_OPTIONS = [

@@ -13,6 +13,7 @@ from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
 from ctxext.attention.retrieve import retrievable_keys, select_far_blocks, selection_frame
 
 from . import operator_cases as oc
+from .convert_flag_check import check_convert_flag
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 from .test_operator_invariants import check_causal
 
@@ -158,31 +159,8 @@ def test_bad_retrieve_block_is_named(value, message):
 
 
 def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
-    from transformers import AutoModelForCausalLM
-    from typer.testing import CliRunner
-
-    from ctxext.attention.hf import options_from_config
-    from ctxext.cli import app
-    from tests.unit.test_convert import _save_source
-
-    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
-    args = ["convert", str(src), str(out), "--block-sizes", "8", "--retrieve", "3", "--retrieve-block", "4"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert options_from_config(model.config).retrieval_block == 4
-    ids = torch.randint(0, 127, (1, 45))
-    with torch.no_grad():
-        fine = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_block": 0}
-        whole = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_block": 4}
-    assert (fine[0, :16] - whole[0, :16]).abs().max() < 1e-5, "no far block before slot 16"
-    assert (fine[0, 16:] - whole[0, 16:]).abs().max() > 1e-4, "finer blocks change later logits"
-    cached = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(cached, model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
-    bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), "--retrieve-block", "3"])
-    assert bad.exit_code != 0 and "--retrieve-block" in bad.output and not (tmp_path / "bad").exists()
+    flags = ["--retrieve", "3", "--retrieve-block", "4"]
+    check_convert_flag(tmp_path, flags, "retrieve_block", 4, off=0, same_before=16, bad_value="3")
 
 
 @pytest.mark.parametrize(

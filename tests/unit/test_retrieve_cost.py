@@ -58,7 +58,18 @@ def test_a_fourth_field_scores_far_blocks_by_sub_blocks(cost):
     assert variants[2][1] == {**variants[1][1], "retrieve_score_block": 16}
 
 
-@pytest.mark.parametrize("bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4:5", "128:8:64:0"])
+def test_a_fifth_field_re_ranks_that_many_candidates_exactly(cost):
+    variants = cost.shape_variants("128:8:64:64:32")
+    assert variants[1][0].endswith("retrieve 8 of 64, scored by sub-blocks of 64, exact re-rank of 32 candidates")
+    assert variants[1][1] == {
+        "block_sizes": [128], "long_range": False, "retrieve": 8, "retrieve_block": 64,
+        "retrieve_score_block": 64, "retrieve_candidates": 32,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad", ["128", "128:x", "0:4", "64:0", "a:b", "128:8:0", "1:2:3:4:5:6", "128:8:64:0", "128:8:64:16:0"]
+)
 def test_bad_shape_names_itself(cost, bad):
     with pytest.raises(SystemExit, match=f"--shapes: .*{bad!r}"):
         cost.shape_variants(f"64:8,{bad}")

@@ -13,6 +13,7 @@ from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
 from ctxext.attention.retrieve import far_block_index, retrievable_keys
 
 from . import operator_cases as oc
+from .convert_flag_check import check_convert_flag
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 
 
@@ -117,28 +118,5 @@ def test_bad_retrieve_score_block_is_named(value, message):
 
 
 def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
-    from transformers import AutoModelForCausalLM
-    from typer.testing import CliRunner
-
-    from ctxext.attention.hf import options_from_config
-    from ctxext.cli import app
-    from tests.unit.test_convert import _save_source
-
-    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
-    args = ["convert", str(src), str(out), "--block-sizes", "8", "--retrieve", "2", "--retrieve-block", "4"]
-    result = CliRunner().invoke(app, [*args, "--retrieve-score-block", "1"])
-    assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert options_from_config(model.config).retrieval_score_block == 1
-    ids = torch.randint(0, 127, (1, 45))
-    with torch.no_grad():
-        exact = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_score_block": 0}
-        bound = model(ids, use_cache=False).logits
-        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_score_block": 1}
-    assert (exact[0, :24] - bound[0, :24]).abs().max() < 1e-5, "at most 2 far blocks before slot 24: all chosen"
-    assert (exact[0, 24:] - bound[0, 24:]).abs().max() > 1e-4, "the exact score changes later logits"
-    cached = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(cached, model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
-    bad = CliRunner().invoke(app, [*args[:2], str(tmp_path / "bad"), *args[3:], "--retrieve-score-block", "3"])
-    assert bad.exit_code != 0 and "--retrieve-score-block" in bad.output and not (tmp_path / "bad").exists()
+    flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-score-block", "1"]
+    check_convert_flag(tmp_path, flags, "retrieve_score_block", 1, off=0, same_before=24, bad_value="3")
