@@ -1,19 +1,17 @@
 """``retrieve_candidates = C``: a two-stage far-block choice. The bound proposes each query's C best
 far blocks, the exact ``max q . k`` over their keys picks the ``retrieve`` best of them. Checked
 against a brute-force choice, against the exact score when every block is a candidate, against the
-bound alone when C = retrieve; the torch backend against the reference; the convert flag, the
-decode cache and the errors."""
+bound alone when C = retrieve; the convert flag and the decode cache (the torch backend against the
+reference and the errors: tests/unit/test_retrieve_score_block.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from ctxext.attention import retrieve
-from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
+from ctxext.attention.options import TensorizedOptions
 from ctxext.attention.retrieve import far_block_index, retrievable_keys
 
-from . import operator_cases as oc
 from .convert_flag_check import check_convert_flag
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 
@@ -92,28 +90,6 @@ def test_a_query_with_fewer_eligible_blocks_than_candidates_keeps_minus_one():
     assert (index[:, :, :64] == -1).all(), "before slot 64 the window covers every earlier block"
     assert (index[:, :, 64:96, :2] >= 0).all() and (index[:, :, 64:96, 2] == -1).all(), "two far blocks of 16"
     assert (index[:, :, 96:] >= 0).all()
-
-
-@pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
-def test_torch_matches_reference(rope, frame):
-    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
-    opts = {"rope": rope, "sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2,
-            "retrieve_frame": frame, "retrieve_block": 4, "retrieve_candidates": 4}  # fmt: skip
-    got = oc.run_slots("torch", q, k, v, (8,), opts)
-    oc.assert_close(got, oc.run_slots("reference", q, k, v, (8,), opts), 1e-12, "torch vs reference")
-    bound = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_candidates": 0})
-    assert (got - bound).abs().max() > 1e-6, "the re-rank must choose differently from the bound here"
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [(1, "retrieve_candidates: 1 candidates cannot hold the 2 blocks retrieved"),
-     (-1, "retrieve_candidates: expected 0"), (True, "retrieve_candidates: expected 0"),
-     ("8", "retrieve_candidates: expected 0")],
-)  # fmt: skip
-def test_bad_retrieve_candidates_is_named(value, message):
-    with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{message}"):
-        TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_candidates": value})
 
 
 def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):

@@ -94,27 +94,34 @@ def test_every_eligible_block_is_chosen_whatever_the_score():
     assert sets[0] == sets[1] == sets[2]
 
 
+@pytest.mark.parametrize(
+    "choice", [{"retrieve_score_block": 1}, {"retrieve_candidates": 4}], ids=["exact-score", "two-stage"]
+)
 @pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
-def test_torch_matches_reference(rope, frame):
+def test_torch_matches_reference(rope, frame, choice):
+    """Also for the two-stage choice (``retrieve_candidates``, tests/unit/test_retrieve_candidates.py)."""
     q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
     opts = {"rope": rope, "sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2,
-            "retrieve_frame": frame, "retrieve_block": 4, "retrieve_score_block": 1}  # fmt: skip
+            "retrieve_frame": frame, "retrieve_block": 4, **choice}  # fmt: skip
     got = oc.run_slots("torch", q, k, v, (8,), opts)
     oc.assert_close(got, oc.run_slots("reference", q, k, v, (8,), opts), 1e-12, "torch vs reference")
-    whole = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_score_block": 0})
-    assert (got - whole).abs().max() > 1e-6, "the exact score must choose differently from the bound here"
+    whole = oc.run_slots("torch", q, k, v, (8,), {**opts, **dict.fromkeys(choice, 0)})
+    assert (got - whole).abs().max() > 1e-6, "the finer choice must choose differently from the bound here"
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [(3, "retrieve_score_block: 3 does not divide the retrieved block of 4 slots"),
-     (-1, "retrieve_score_block: expected 0"), (True, "retrieve_score_block: expected 0"),
-     ("2", "retrieve_score_block: expected 0")],
+    ("key", "value", "message"),
+    [("retrieve_score_block", 3, "3 does not divide the retrieved block of 4 slots"),
+     ("retrieve_score_block", -1, "expected 0"), ("retrieve_score_block", True, "expected 0"),
+     ("retrieve_score_block", "2", "expected 0"),
+     ("retrieve_candidates", 1, "1 candidates cannot hold the 2 blocks retrieved"),
+     ("retrieve_candidates", -1, "expected 0"), ("retrieve_candidates", True, "expected 0"),
+     ("retrieve_candidates", "8", "expected 0")],
 )  # fmt: skip
-def test_bad_retrieve_score_block_is_named(value, message):
-    with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{message}"):
-        TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_block": 4,
-                                     "retrieve_score_block": value})  # fmt: skip
+def test_a_bad_choice_setting_is_named(key, value, message):
+    """Also ``retrieve_candidates`` (tests/unit/test_retrieve_candidates.py)."""
+    with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{key}: {message}"):
+        TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, key: value})
 
 
 def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
