@@ -24,7 +24,9 @@ same needles can be compared under several choices. ``--set retrieve_score_block
 block by the largest bound on ``q . k`` over its sub-blocks of S slots instead of one bound over
 the whole block: tighter as S shrinks, and at S = 1 the exact maximum of ``q . k`` over its keys
 (an oracle that costs as much as full attention): would a better score with the same number of
-blocks find the needle?
+blocks find the needle? ``--set retrieve_candidates=C`` chooses in two stages (the bound proposes
+C far blocks, the exact ``max q . k`` over their keys picks the read ones): does it find what the
+oracle finds?
 """
 
 from __future__ import annotations
