@@ -139,8 +139,8 @@ def far_block_index(
     m, grain = opts.retrieval_block, opts.retrieval_score_block
     nb, per = math.ceil(length / m), m // grain  # far blocks, scored sub-blocks per block
     pad = nb * m - length
-    kb = F.pad(ks, (0, 0, 0, pad)).view(b, hkv, nb * per, grain, d)
-    ok = F.pad(key_ok, (0, pad)).view(b, 1, nb * per, grain, 1)
+    k_pad, ok_pad = F.pad(ks, (0, 0, 0, pad)), F.pad(key_ok, (0, pad))  # (B, Hkv, nb * m, D), (B, nb * m)
+    kb, ok = k_pad.view(b, hkv, nb * per, grain, d), ok_pad.view(b, 1, nb * per, grain, 1)
     big = torch.finfo(kb.dtype).max
     kmax = kb.masked_fill(~ok, -big).amax(dim=-2)  # (B, Hkv, nb * per, D)
     kmin = kb.masked_fill(~ok, big).amin(dim=-2)
@@ -167,7 +167,7 @@ def far_block_index(
         eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
         values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(proposed, nb), dim=-1)
         if values.shape[-1] > top:  # two stages: the exact max q . k over the candidates' keys picks the top
-            exact = exact_block_scores(qs[:, :, part], ks, key_ok, index, m)
+            exact = exact_block_scores(qs[:, :, part], k_pad, ok_pad, index, m)
             values, best = exact.masked_fill(~torch.isfinite(values), float("-inf")).topk(top, dim=-1)
             index = index.gather(-1, best)
         picks.append(torch.where(torch.isfinite(values), index, -1))
@@ -180,25 +180,24 @@ EXACT_SCORE_BUDGET = 1 << 24
 
 
 def exact_block_scores(
-    qs: torch.Tensor, ks: torch.Tensor, key_ok: torch.Tensor, index: torch.Tensor, m: int
+    qs: torch.Tensor, k_pad: torch.Tensor, ok_pad: torch.Tensor, index: torch.Tensor, m: int
 ) -> torch.Tensor:
     """The exact ``max q . k`` of each query over the retrievable keys of its candidate blocks.
 
-    qs: ``(B, Hq, Q, D)`` and ks ``(B, Hkv, L, D)`` in the selection frame; key_ok: ``(B, L)``;
-    index: ``(B, Hq, Q, C)`` long candidate block numbers (blocks of ``m`` slots; any entry for a
-    query without candidates is scored too and must be masked by the caller). Returns
-    ``(B, Hq, Q, C)`` float: ``-inf`` for a block without a retrievable key.
+    qs: ``(B, Hq, Q, D)`` queries and k_pad ``(B, Hkv, nb * m, D)`` keys in the selection frame,
+    the keys padded to whole blocks of ``m`` slots; ok_pad: ``(B, nb * m)`` their retrievable mask
+    (False on the padding), as :func:`far_block_index` pads them once for both stages; index:
+    ``(B, Hq, Q, C)`` long candidate block numbers (any entry for a query without candidates is
+    scored too and must be masked by the caller). Returns ``(B, Hq, Q, C)`` float: ``-inf`` for a
+    block without a retrievable key.
 
     R queries at a time: one matmul over the union of the blocks any of them proposed (GQA by
     index, k is never repeated), then each query keeps the maxima of its own candidates. Memory
     ``O(EXACT_SCORE_BUDGET)``; work ``O(Q * U * m * D)``, at most the full ``q . k`` product.
     """
     b, hq, n_q, d = qs.shape
-    hkv, length = ks.shape[1], ks.shape[2]
-    g, nb = hq // hkv, math.ceil(length / m)
-    pad = nb * m - length
-    kb = F.pad(ks, (0, 0, 0, pad))  # (B, Hkv, nb * m, D)
-    ok = F.pad(key_ok, (0, pad)).view(b, 1, 1, nb, m)
+    hkv, nb = k_pad.shape[1], k_pad.shape[2] // m
+    g, ok = hq // hkv, ok_pad.view(b, 1, 1, nb, m)
     offsets = torch.arange(m, device=qs.device)
     scores = []
     rows = max(1, EXACT_SCORE_BUDGET // max(1, b * hq * nb * m))  # the union is at most every block
@@ -211,7 +210,7 @@ def exact_block_scores(
             0, used, torch.arange(used.numel(), device=qs.device)
         )  # block number -> its column in the union
         slots = (used[:, None] * m + offsets).flatten()  # (U * m,)
-        qk = qs[:, :, part].reshape(b, hkv, g * r, d) @ kb[:, :, slots].transpose(-1, -2)  # (B, Hkv, g*R, U*m)
+        qk = qs[:, :, part].reshape(b, hkv, g * r, d) @ k_pad[:, :, slots].transpose(-1, -2)  # (B, Hkv, g*R, U*m)
         qk = qk.view(b, hq, r, used.numel(), m).masked_fill(~ok[:, :, :, used], float("-inf"))
         best = qk.amax(dim=-1)  # (B, Hq, R, U): exact max q . k per union block
         scores.append(best.gather(-1, where[cand]))

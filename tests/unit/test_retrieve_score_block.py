@@ -14,58 +14,24 @@ from ctxext.attention.retrieve import far_block_index, retrievable_keys
 
 from . import operator_cases as oc
 from .convert_flag_check import check_convert_flag
+from .far_block_brute_force import OPTS, as_sets, brute_force_top, case
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 
 
-def _brute_force_top(qs, ks, key_ok, top: int, n: int, m: int, s: int) -> list[list[list[int]]]:
-    """Batch row 0, for every (query head, query): the ``top`` far blocks of m (window of 2n) whose
-    best sub-block of s slots with a retrievable key has the largest bound ``sum_d max(q_d kmin_d, q_d kmax_d)``."""
-    hq, length = qs.shape[1], qs.shape[2]
-    keys = ks[0].repeat_interleave(hq // ks.shape[1], dim=0)  # (Hq, L, D)
-    out = []
-    for h in range(hq):
-        rows = []
-        for q in range(length):
-            best = {}
-            for blk in range(max(q // n * n - n, 0) // m):
-                for sub in range(blk * m, blk * m + m, s):
-                    real = [t for t in range(sub, min(sub + s, length)) if key_ok[0, t]]
-                    if real:
-                        kk = keys[h, real]
-                        bound = float(torch.maximum(qs[0, h, q] * kk.amin(0), qs[0, h, q] * kk.amax(0)).sum())
-                        best[blk] = max(best.get(blk, float("-inf")), bound)
-            rows.append(sorted(sorted(best, key=best.get, reverse=True)[:top]))
-        out.append(rows)
-    return out
-
-
-def _as_sets(index: torch.Tensor) -> list[list[list[int]]]:
-    return [[sorted(int(i) for i in row if i >= 0) for row in head] for head in index[0]]
-
-
-OPTS = dict(block_sizes=(32,), sinks=3, local="window", long_range=False, retrieve=2, retrieve_block=16)
-
-
-def _case(length=200):
-    torch.manual_seed(0)
-    qs, ks = torch.randn(1, 4, length, 8), torch.randn(1, 2, length, 8)  # GQA; far blocks of 16, the last partial
-    return qs, ks, retrievable_keys(torch.ones(1, length, dtype=torch.bool), sinks=3)
-
-
 def test_each_score_block_chooses_as_the_brute_force_and_one_is_the_exact_max(monkeypatch):
-    qs, ks, key_ok = _case()
+    qs, ks, key_ok = case()
     shipped = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS), 32)
     assert torch.equal(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=16), 32), shipped)
     monkeypatch.setattr(retrieve, "SELECT_SCORE_BUDGET", 1000)  # several chunks of queries
-    exact = _as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=1), 32))
+    exact = as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=1), 32))
     scores = torch.einsum("hqd,hkd->hqk", qs[0], ks[0].repeat_interleave(2, dim=0))
     scores[:, :, ~key_ok[0]] = float("-inf")
     for h, q in ((0, 199), (3, 150), (1, 96)):  # s = 1 by the plain max of q . k
         best = {b: float(scores[h, q, b * 16 : b * 16 + 16].max()) for b in range((q // 32 * 32 - 32) // 16)}
         assert exact[h][q] == sorted(sorted(best, key=best.get, reverse=True)[:2])
-    brute = {s: _brute_force_top(qs, ks, key_ok, 2, 32, 16, s) for s in (1, 4, 16)}
-    assert exact == brute[1] and _as_sets(shipped) == brute[16]
-    finer = _as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=4), 32))
+    brute = {s: brute_force_top(qs, ks, key_ok, 2, 32, 16, s) for s in (1, 4, 16)}
+    assert exact == brute[1] and as_sets(shipped) == brute[16]
+    finer = as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=4), 32))
     assert finer == brute[4]
     assert brute[16] != brute[1], "the bound must choose differently somewhere, or this test shows nothing"
     agree = [sum(a == w for h in range(4) for a, w in zip(x[h], brute[1][h])) for x in (brute[16], finer)]
@@ -74,22 +40,22 @@ def test_each_score_block_chooses_as_the_brute_force_and_one_is_the_exact_max(mo
 
 def test_a_sub_block_without_keys_never_scores():
     """With every real bound negative, an empty sub-block scored 0 would win every choice."""
-    qs, ks, _ = _case(120)
+    qs, ks, _ = case(120)
     qs, ks = -qs.abs(), ks.abs()
     valid = torch.ones(1, 120, dtype=torch.bool)
     valid[0, 36:40] = False  # the last sub-block of 4 of far block 2 (slots 32..47) has no key
     key_ok = retrievable_keys(valid, 3)
     opts = TensorizedOptions(**OPTS, retrieve_score_block=4)
-    got = _as_sets(far_block_index(qs, ks, key_ok, opts, 32))
-    assert got == _brute_force_top(qs, ks, key_ok, 2, 32, 16, 4)
+    got = as_sets(far_block_index(qs, ks, key_ok, opts, 32))
+    assert got == brute_force_top(qs, ks, key_ok, 2, 32, 16, 4)
     eligible = [(h, q) for h in range(4) for q in range(120) if (q // 32 * 32 - 32) // 16 > 3]
     assert any(2 not in got[h][q] for h, q in eligible), "block 2 must not win merely for its empty sub-block"
 
 
 def test_every_eligible_block_is_chosen_whatever_the_score():
-    qs, ks, key_ok = _case()
+    qs, ks, key_ok = case()
     every = {**OPTS, "retrieve": 16}
-    sets = [_as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**every, retrieve_score_block=s), 32))
+    sets = [as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**every, retrieve_score_block=s), 32))
             for s in (0, 4, 1)]  # fmt: skip
     assert sets[0] == sets[1] == sets[2]
 
