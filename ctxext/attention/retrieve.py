@@ -18,7 +18,7 @@ answer (quality study, round 12). With ``retrieve_candidates = C > k`` the choic
 stages: the bound proposes each query's ``C`` best far blocks, and the exact ``max q . k`` over
 their keys picks the ``k`` best of them; the choice is the exact score's whenever the exact best
 ``k`` blocks are among the candidates, and the exact stage reads ``C * m`` keys per query
-(linear in N for a fixed C, once a kernel gathers them per query; see :func:`exact_block_scores`).
+(linear in N for a fixed C; see :func:`exact_block_scores`).
 
 Positions: with ``rope="absolute"`` the retrieved keys keep the model's rotation (offsets as
 far as the block lies). With ``rope="axis"`` the query is moved to coordinate ``p - start``
@@ -174,9 +174,15 @@ def far_block_index(
     return torch.cat(picks, dim=2)
 
 
-# The exact stage of a two-stage choice scores ``(B, Hkv, g * R, U * m)`` q . k products for R
-# queries over the union U of their candidate blocks; R is chosen to keep it below this many elements.
+# The exact stage of a two-stage choice keeps its score tensors below this many elements
+# (64 MiB in float32) by scoring R queries at a time.
 EXACT_SCORE_BUDGET = 1 << 24
+
+# The exact stage scores the union of a chunk's candidate blocks while the far blocks number at
+# most this many times the candidates, else each candidate block on its own (linear in the
+# length). Measured on the CPU (benchmarks/exact_stage_cost.py, docs/RESULTS.md round 14): equal
+# cost at 64 blocks for 32 candidates, the per-block path 1.4x faster at 128 and 3x at 256.
+UNION_MAX_RATIO = 2
 
 
 def exact_block_scores(
@@ -187,13 +193,30 @@ def exact_block_scores(
     qs: ``(B, Hq, Q, D)`` queries and k_pad ``(B, Hkv, nb * m, D)`` keys in the selection frame,
     the keys padded to whole blocks of ``m`` slots; ok_pad: ``(B, nb * m)`` their retrievable mask
     (False on the padding), as :func:`far_block_index` pads them once for both stages; index:
-    ``(B, Hq, Q, C)`` long candidate block numbers (any entry for a query without candidates is
-    scored too and must be masked by the caller). Returns ``(B, Hq, Q, C)`` float: ``-inf`` for a
-    block without a retrievable key.
+    ``(B, Hq, Q, C)`` long candidate block numbers in ``[0, nb)`` (any entry for a query without
+    candidates is scored too and must be masked by the caller). Returns ``(B, Hq, Q, C)`` float:
+    ``-inf`` for a block without a retrievable key.
 
-    R queries at a time: one matmul over the union of the blocks any of them proposed (GQA by
-    index, k is never repeated), then each query keeps the maxima of its own candidates. Memory
-    ``O(EXACT_SCORE_BUDGET)``; work ``O(Q * U * m * D)``, at most the full ``q . k`` product.
+    Two ways to the same numbers (up to rounding), chosen by shape (``UNION_MAX_RATIO``): while
+    the candidates are a large share of the far blocks, one matmul over the union of a chunk's
+    candidates (:func:`exact_scores_over_union`); past that, each candidate block scored only by
+    the queries that proposed it (:func:`exact_scores_by_block`: ``Q * C * m`` products, linear).
+    """
+    nb, candidates = k_pad.shape[2] // m, index.shape[-1]
+    if nb <= UNION_MAX_RATIO * candidates:
+        return exact_scores_over_union(qs, k_pad, ok_pad, index, m)
+    return exact_scores_by_block(qs, k_pad, ok_pad, index, m)
+
+
+def exact_scores_over_union(
+    qs: torch.Tensor, k_pad: torch.Tensor, ok_pad: torch.Tensor, index: torch.Tensor, m: int
+) -> torch.Tensor:
+    """:func:`exact_block_scores` as one matmul over the union of R queries' candidate blocks.
+
+    R queries at a time (GQA by index, k is never repeated), then each query keeps the maxima of
+    its own candidates. Memory ``O(EXACT_SCORE_BUDGET)``; work ``O(Q * U * m * D)`` for a union
+    of U blocks: at most the full ``q . k`` product, and near it once the far blocks outnumber the
+    candidates (the union of a few hundred queries' candidates is then almost every block).
     """
     b, hq, n_q, d = qs.shape
     hkv, nb = k_pad.shape[1], k_pad.shape[2] // m
@@ -214,6 +237,56 @@ def exact_block_scores(
         qk = qk.view(b, hq, r, used.numel(), m).masked_fill(~ok[:, :, :, used], float("-inf"))
         best = qk.amax(dim=-1)  # (B, Hq, R, U): exact max q . k per union block
         scores.append(best.gather(-1, where[cand]))
+    return torch.cat(scores, dim=2)
+
+
+def exact_scores_by_block(
+    qs: torch.Tensor, k_pad: torch.Tensor, ok_pad: torch.Tensor, index: torch.Tensor, m: int
+) -> torch.Tensor:
+    """:func:`exact_block_scores` with each candidate block scored only by the queries that proposed it.
+
+    The (query, candidate) pairs of R queries are sorted by key block (batch row, key head, block);
+    each block's queries are cut into tiles of ``rows`` (at most 128) and every tile is one small
+    matmul ``(rows, D) @ (D, m)`` against its block's keys, all tiles in one batched matmul. Work
+    ``O(Q * C * m * D)`` plus the padding of the last tile of each block used; memory
+    ``O(EXACT_SCORE_BUDGET)`` with the padding bounded by the tile size, which shrinks (to 16) when
+    the pairs spread thin over many blocks.
+    """
+    b, hq, n_q, d = qs.shape
+    hkv, nb = k_pad.shape[1], k_pad.shape[2] // m
+    g, c, dev = hq // hkv, index.shape[-1], qs.device
+    groups = b * hkv * nb  # one key block per (batch row, key head, block)
+    keys_t = k_pad.reshape(groups, m, d).transpose(-1, -2).contiguous()  # (G, D, m)
+    bias = torch.zeros(b, nb * m, dtype=qs.dtype, device=dev).masked_fill(~ok_pad, float("-inf"))
+    bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)  # -inf on keys not retrievable
+    head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
+    scores = []
+    chunk = max(1, EXACT_SCORE_BUDGET // max(1, b * hq * c * max(d, m)))
+    for first in range(0, n_q, chunk):
+        part = slice(first, min(first + chunk, n_q))
+        r = part.stop - part.start
+        group = (head_group[:, :, None, None] + index[:, :, part]).flatten()  # (P,) key block of each pair
+        group_sorted, order = torch.sort(group, stable=True)
+        counts = torch.bincount(group_sorted, minlength=groups)  # (G,) pairs per key block
+        rank = torch.arange(order.numel(), device=dev) - (counts.cumsum(0) - counts)[group_sorted]
+        used = int((counts > 0).sum())
+        rows = min(128, max(16, math.ceil(order.numel() / used)))  # queries per tile
+        tiles = (counts + rows - 1) // rows  # (G,)
+        # the place of each sorted pair in the (T * rows) table of tiles
+        cell = ((tiles.cumsum(0) - tiles)[group_sorted] + torch.div(rank, rows, rounding_mode="floor")) * rows
+        cell += rank % rows
+        n_tiles = int(tiles.sum())
+        query = torch.zeros(n_tiles * rows, dtype=torch.long, device=dev)  # padding rows score query 0
+        query[cell] = torch.div(order, c, rounding_mode="floor")  # the pair's (batch, head, query) row
+        tile = torch.div(cell, rows, rounding_mode="floor")
+        tile_group = group_sorted.new_zeros(n_tiles).scatter_(0, tile, group_sorted)  # (T,) key block of each tile
+        q_tiles = qs[:, :, part].reshape(b * hq * r, d).index_select(0, query).view(n_tiles, rows, d)
+        k_tiles = keys_t.index_select(0, tile_group)  # (T, D, m)
+        qk = torch.baddbmm(bias.index_select(0, tile_group), q_tiles, k_tiles)  # (T, rows, m)
+        best = qk.amax(dim=-1).flatten()  # (T * rows,)
+        pair = torch.empty(order.numel(), dtype=best.dtype, device=dev)
+        pair[order] = best[cell]
+        scores.append(pair.view(b, hq, r, c))
     return torch.cat(scores, dim=2)
 
 
