@@ -180,8 +180,9 @@ EXACT_SCORE_BUDGET = 1 << 24
 
 # The exact stage scores the union of a chunk's candidate blocks while the far blocks number at
 # most this many times the candidates, else each candidate block on its own (linear in the
-# length). Measured on the CPU (benchmarks/exact_stage_cost.py, docs/RESULTS.md round 14): equal
-# cost at 64 blocks for 32 candidates, the per-block path 1.4x faster at 128 and 3x at 256.
+# length). Measured on the CPU for 32 candidates (benchmarks/exact_stage_cost.py, docs/RESULTS.md
+# round 14): the union is faster up to 64 far blocks (time 0.53x / 0.87x of the per-block path at
+# 32 / 64 blocks), the per-block path from 128 on (1.6x / 3.3x / 4.3x faster at 128 / 256 / 512).
 UNION_MAX_RATIO = 2
 
 
