@@ -4,7 +4,9 @@ candidate blocks (``retrieve.exact_scores_over_union``) and each candidate block
 the queries that proposed it (``retrieve.exact_scores_by_block``), and which one
 ``retrieve.exact_block_scores`` picks at each length.
 
-    python benchmarks/exact_stage_cost.py --lengths 2048,4096,8192,16384 --out docs/study/round14/exact_stage_cost.json
+    python benchmarks/exact_stage_cost.py --lengths 2048,4096,8192,16384,32768 \
+        --out docs/study/round14/exact_stage_cost.json --plot docs/study/round14/exact_stage_cost.png
+    python benchmarks/exact_stage_cost.py --replot docs/study/round14/exact_stage_cost.json --plot out.png  # no timing
 
 Shapes are SmolLM2-135M's (9 query heads over 3 key heads of 64 channels), far blocks of 64 slots
 outside a window of two blocks of 128, as the ``retrieve-b64`` recipe; the candidates are the
@@ -47,6 +49,34 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Seconds per call of both paths against the length (log-log), the path taken marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    tokens = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label, colour in (("union_s", "over the union", "tab:red"), ("by_block_s", "by block", "tab:blue")):
+        ax.plot(tokens, [r[key] for r in rows], "o-", color=colour, label=label)
+        taken = [r for r in rows if r["path"] == label]
+        ax.plot([r["tokens"] for r in taken], [r[key] for r in taken], "o", ms=11, mfc="none", color=colour)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in the forward pass")
+    ax.set_ylabel("seconds per layer call (all queries)")
+    c = rows[0]["candidates"]
+    ax.set_title(f"exact stage of the two-stage choice, {c} candidates (circled: the path taken)", fontsize=9)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="2048,4096,8192,16384")
@@ -54,7 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG of seconds against length for both paths")
+    ap.add_argument("--replot", type=Path, help="plot this earlier --out JSON instead of timing (needs --plot)")
     args = ap.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot PATH")
+        result = json.loads(args.replot.read_text())
+        plot(result, args.plot)
+        return result
     torch.set_num_threads(args.threads)
     hq, hkv, d, m, n, c = 9, 3, 64, 64, 128, args.candidates
     rows = []
@@ -86,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
     return result
 
 
