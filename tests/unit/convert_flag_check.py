@@ -41,3 +41,18 @@ def check_convert_flag(
     flag = "--" + key.replace("_", "-")
     bad = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "bad"), *flags, flag, bad_value])
     assert bad.exit_code != 0 and flag in bad.output and not (tmp_path / "bad").exists(), bad.output
+
+
+def converted_settings(tmp_path: Path, args: list[str]) -> dict:
+    """``ctxext convert`` a tiny llama with ``args``; the ``tensorized_attention`` settings it wrote."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctxext.cli import app
+    from tests.unit.test_convert import _save_source
+
+    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "config.json").read_text())["tensorized_attention"]

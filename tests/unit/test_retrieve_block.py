@@ -13,7 +13,7 @@ from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
 from ctxext.attention.retrieve import retrievable_keys, select_far_blocks, selection_frame
 
 from . import operator_cases as oc
-from .convert_flag_check import check_convert_flag
+from .convert_flag_check import check_convert_flag, converted_settings
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 from .test_operator_invariants import check_causal
 
@@ -170,15 +170,5 @@ def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward
 )  # fmt: skip
 def test_convert_defaults_to_far_blocks_of_64_where_64_divides_the_inner_block(tmp_path, args, want):
     """Round 7's default: 8 far blocks of 64 beside a window of two blocks of n (n = 128)."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from ctxext.cli import app
-    from tests.unit.test_convert import _save_source
-
-    src, out = _save_source(tmp_path / "src"), tmp_path / "out"
-    result = CliRunner().invoke(app, ["convert", str(src), str(out), *args])
-    assert result.exit_code == 0, result.output
-    settings = json.loads((out / "config.json").read_text())["tensorized_attention"]
+    settings = converted_settings(tmp_path, args)
     assert (settings["block_sizes"][-1], settings["retrieve"], settings["retrieve_block"]) == want

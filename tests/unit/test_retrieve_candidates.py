@@ -14,7 +14,7 @@ from ctxext.attention import retrieve
 from ctxext.attention.options import TensorizedOptions
 from ctxext.attention.retrieve import far_block_index
 
-from .convert_flag_check import check_convert_flag
+from .convert_flag_check import check_convert_flag, converted_settings
 from .far_block_brute_force import OPTS, as_sets, brute_force_two_stage, case
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 
@@ -109,3 +109,13 @@ def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward
     """Before slot 24 at most 2 far blocks of 4 exist: all are chosen, the re-rank changes nothing."""
     flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-candidates", "4"]
     check_convert_flag(tmp_path, flags, "retrieve_candidates", 4, off=0, same_before=24, bad_value="1")
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [([], 32), (["--retrieve", "2"], 8), (["--retrieve", "0"], 0), (["--retrieve-candidates", "0"], 0),
+     (["--retrieve-candidates", "12"], 12)],
+)  # fmt: skip
+def test_convert_defaults_to_four_candidates_per_retrieved_block(tmp_path, args, want):
+    """Rounds 13-15: 32 candidates for 8 retrieved blocks found 5 of 6 needles at 16k, the bound alone 1."""
+    assert converted_settings(tmp_path, args)["retrieve_candidates"] == want

@@ -91,5 +91,7 @@ def test_a_bad_choice_setting_is_named(key, value, message):
 
 
 def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
-    flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-score-block", "1"]
+    """The bound alone (``--retrieve-candidates 0``): the default two-stage choice re-ranks by the exact
+    score anyway, so a finer bound changes nothing here."""
+    flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-candidates", "0", "--retrieve-score-block", "1"]
     check_convert_flag(tmp_path, flags, "retrieve_score_block", 1, off=0, same_before=24, bad_value="3")
