@@ -4,7 +4,7 @@ whether the far block it had to read each one from was chosen.
     python benchmarks/needle_choice.py runs/study/train/retrieve-b64/adapter --set rope=axis \\
         --lengths 2k,8k --depths 0.1,0.5,0.9 --seeds 0,1 --out runs/r12/needle_choice.json \\
         --plot runs/r12/needle_choice.png
-    python benchmarks/needle_choice.py --overlay bound=runs/r12/nc-base.json exact=runs/r12/nc-exact.json \
+    python benchmarks/needle_choice.py --overlay bound=runs/r12/nc-base.json exact=runs/r12/nc-exact.json \\
         --plot docs/study/round12/needle_choice_layers.png   # runs side by side, no model
 
 ``ctxext eval --tasks needle`` says whether a sample passed; this says why one failed. For each
@@ -144,7 +144,8 @@ def plot(result: dict, path: Path) -> None:
 
 def overlay(named: list[str], path: Path) -> dict:
     """Several saved runs (``LABEL=JSON``) in one figure: per length, the mean chosen share of the
-    needle's far answer tokens by layer, and each run's needles passed. Returns the summaries."""
+    needle's far answer tokens by layer, and each run's needles passed. A label given twice joins
+    its runs (e.g. one JSON per length), so one choice keeps one color. Returns the summaries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +156,11 @@ def overlay(named: list[str], path: Path) -> dict:
         label, sep, file = item.partition("=")
         if not sep or not Path(file).is_file():
             raise SystemExit(f"--overlay: expected LABEL=JSON of an earlier run, got {item!r}")
-        runs[label] = json.loads(Path(file).read_text())
+        run = json.loads(Path(file).read_text())
+        if label in runs:  # the same choice at other lengths (or more seeds): one line, one summary
+            run = {**run, "samples": runs[label]["samples"] + run["samples"]}
+            run["summary"] = summary(run["samples"])
+        runs[label] = run
     lengths = sorted({s["length"] for r in runs.values() for s in r["samples"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths):

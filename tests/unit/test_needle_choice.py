@@ -61,6 +61,10 @@ def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
     drawn = script.main(["--overlay", f"every={tmp_path / 'a.json'}", f"one={tmp_path / 'b.json'}",
                          "--plot", str(tmp_path / "o.png")])  # fmt: skip
     assert drawn["one"]["1024"] == summary and (tmp_path / "o.png").stat().st_size > 1000
+    joined = script.main(["--overlay", f"both={tmp_path / 'a.json'}", f"both={tmp_path / 'b.json'}",
+                          "--plot", str(tmp_path / "j.png")])  # fmt: skip
+    assert joined["both"]["1024"]["needles"] == 4, "a label given twice joins its runs' needles"
+    assert joined["both"]["1024"]["far_tokens"] == 2 * len(far)
     with pytest.raises(SystemExit, match="LABEL=JSON"):
         script.main(["--overlay", str(tmp_path / "a.json"), "--plot", str(tmp_path / "x.png")])
 
