@@ -314,7 +314,8 @@ def finetune(
     if result.adapter_dir is None:  # not the main process
         return
     first, last = result.losses[0], result.losses[-1]
-    console.print(f"Trained {result.steps} steps: loss {first:.4f} -> {last:.4f}")
+    budget = f" (train.max_minutes reached; {spec.train.steps} planned)" if result.out_of_time else ""
+    console.print(f"Trained {result.steps} steps{budget}: loss {first:.4f} -> {last:.4f}")
     console.print(f"  adapter: {result.adapter_dir}   metrics: {result.output_dir / 'metrics.jsonl'}")
     if result.merged_dir:
         console.print(f"  merged model: {result.merged_dir} (reload with from_pretrained after import ctxext)")

@@ -73,6 +73,7 @@ class TrainSection:
     seed: int = 0
     save_every: int = 50  # checkpoint interval in optimizer steps (0: only at the end)
     keep_checkpoints: int = 2  # checkpoints left when the run ends, newest first (0: all, for learning curves)
+    max_minutes: float = 0.0  # wall-clock budget: stop after the step that passes it and save as at the end (0: none)
     log_every: int = 1
     loss_chunk: int = 2048  # positions per LM-head chunk (never full-sequence logits)
     resume: bool = False  # continue from the latest checkpoint in output_dir
@@ -301,6 +302,8 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append("train.warmup_steps and train.save_every must be >= 0")
     if t.keep_checkpoints < 0:
         errors.append(f"train.keep_checkpoints: must be >= 0 (0 keeps every checkpoint), got {t.keep_checkpoints}")
+    if t.max_minutes < 0:
+        errors.append(f"train.max_minutes: must be >= 0 (0: no time limit), got {t.max_minutes}")
     if t.schedule not in SCHEDULES:
         errors.append(f"train.schedule: unknown schedule {t.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if t.precision not in PRECISIONS:

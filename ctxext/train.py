@@ -54,6 +54,7 @@ class FinetuneResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
+    out_of_time: bool = False  # stopped by train.max_minutes before train.steps (saved as at the end)
 
 
 @dataclass
@@ -569,7 +570,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
 
     tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * data_size
     bar = tqdm(total=t.steps, initial=step, disable=not main, desc="finetune", unit="step", dynamic_ncols=True)
-    interrupted = False
+    interrupted = out_of_time = False
     start_time, start_step = time.time(), step
     parallel = contextlib.ExitStack()
     if context is not None:  # attention runs over the group in forward and backward (checkpoint recompute)
@@ -628,6 +629,14 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
                     save_checkpoint(
                         output_dir, accelerator.unwrap_model(wrapped).model, optimizer, scheduler, step, losses
                     )
+            if t.max_minutes and step < t.steps and _out_of_time(accelerator, start_time, t.max_minutes):
+                out_of_time = True
+                if main:
+                    log(
+                        f"train.max_minutes={t.max_minutes:g} reached after step {step} of {t.steps}; saving as at "
+                        "the end (continue with train.resume=true and a larger budget)"
+                    )
+                break
     except KeyboardInterrupt:
         interrupted = True
         if main:
@@ -640,7 +649,7 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         bar.close()
 
     model = accelerator.unwrap_model(wrapped).model
-    result = FinetuneResult(output_dir, None, None, step, losses, interrupted)
+    result = FinetuneResult(output_dir, None, None, step, losses, interrupted, out_of_time)
     digest = parameter_digest(model)
     (output_dir / f"rank-{accelerator.process_index}.json").write_text(json.dumps({"digest": digest, "step": step}))
     if not interrupted:
@@ -655,6 +664,16 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     if trackers:
         accelerator.end_training()  # also destroys the process group: last
     return result
+
+
+def _out_of_time(accelerator, start_time: float, max_minutes: float) -> bool:
+    """Whether any process has used its ``max_minutes`` of training since ``start_time``.
+
+    Every process calls it after the same step and gets the same answer (one reduced flag), so
+    they all stop after that step together.
+    """
+    late = torch.tensor(float(time.time() - start_time >= 60.0 * max_minutes), device=accelerator.device)
+    return accelerator.reduce(late, reduction="sum").item() > 0
 
 
 def _prune_checkpoints(output_dir: Path, keep: int) -> None:

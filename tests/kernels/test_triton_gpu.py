@@ -130,3 +130,9 @@ def test_shipped_attention_runs_fused_under_auto():
     from ctxext.attention import ops
 
     assert ops.resolve_backend("auto", CUDA, oc.options((128,), **SHIPPED), torch.bfloat16, 64) == "triton"
+
+
+def test_two_stage_choice_of_the_shipped_recipes_bf16():
+    """``retrieve_candidates: 32`` (the default since round 15) where the choice has two stages:
+    at 4,097 slots there are 64 far blocks of 64, so the bound's 32 candidates are a real cut."""
+    assert_within_twice_torch(torch.bfloat16, (128,), 4097, 64, dict(SHIPPED, retrieve_candidates=32), softcap=30.0)

@@ -246,3 +246,27 @@ def test_a_negative_keep_checkpoints_is_named():
 
     with pytest.raises(config.RecipeError, match="train.keep_checkpoints: must be >= 0"):
         config.load(TINY, ["train.keep_checkpoints=-1"])
+
+
+def test_max_minutes_stops_saves_as_at_the_end_and_resumes_to_the_same_losses(tmp_path, monkeypatch):
+    import types
+
+    straight = finetune(_recipe(tmp_path / "a"), log=lambda m: None)
+    clock = iter([0.0])  # the start, then every later reading is an hour on
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: next(clock, 3600.0)))
+    messages = []
+    cut = finetune(_recipe(tmp_path / "b", "train.max_minutes=1"), log=messages.append)
+    assert cut.out_of_time and not cut.interrupted and cut.steps == 1
+    assert cut.adapter_dir is not None and (cut.adapter_dir / "adapter_config.json").is_file()
+    assert any("train.max_minutes=1 reached after step 1 of 6" in m for m in messages), messages
+    monkeypatch.undo()
+    resumed = finetune(_recipe(tmp_path / "b", "train.resume=true"), log=lambda m: None)
+    assert resumed.steps == 6 and not resumed.out_of_time
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
+
+
+def test_a_negative_max_minutes_is_named():
+    from ctxext import config
+
+    with pytest.raises(config.RecipeError, match="train.max_minutes: must be >= 0"):
+        config.load(TINY, ["train.max_minutes=-2"])
