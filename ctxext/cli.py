@@ -299,10 +299,12 @@ def finetune(
         if _accelerate_config_uses_cpu(spec.accelerate.config):
             env["ACCELERATE_USE_CPU"] = "1"
         raise typer.Exit(subprocess.call(command, env=env))
+    from .interrupt import sigterm_as_interrupt
     from .train import finetune as run_finetune
 
     try:
-        result = run_finetune(spec, merge=merge, log=lambda msg: console.print(msg, highlight=False))
+        with sigterm_as_interrupt():  # a SIGTERM (timeout, a scheduler) saves a checkpoint like Ctrl-C
+            result = run_finetune(spec, merge=merge, log=lambda msg: console.print(msg, highlight=False))
     except NonFiniteLossError as err:
         _fail(str(err), code=1)
         return
@@ -436,15 +438,22 @@ def evaluate(
         command += [f"--nproc-per-node={context_parallel}", "-m", "ctxext.cli", *args]
         console.print("Launching: " + " ".join(command), highlight=False, soft_wrap=True)
         raise typer.Exit(subprocess.call(command, env={**os.environ, "CTXEXT_LAUNCHED": "1"}))
+    from .evaluate.report import markdown
+    from .evaluate.runner import EvalInterrupted
+    from .interrupt import sigterm_as_interrupt
+
     try:
-        report = run(spec)
+        with sigterm_as_interrupt():
+            report = run(spec)
     except (EvalError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
         _fail(str(err))
         return
+    except EvalInterrupted as stopped:
+        console.print(markdown(stopped.report), highlight=False, soft_wrap=True)
+        console.print(f"Stopped: partial report in {out / 'report.md'}", highlight=False)
+        raise typer.Exit(130) from None
     if context_parallel > 1 and report.get("protocol", {}).get("rank", 0) != 0:
         return
-    from .evaluate.report import markdown
-
     console.print(markdown(report), highlight=False, soft_wrap=True)
     console.print(f"Report: {out / 'report.md'} (also report.json and PNG plots in {out})")
 

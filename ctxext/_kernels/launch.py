@@ -29,6 +29,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot``, whose operands are held in float32 (or float64).
+
+    float32 / float64 inputs: ``ieee``. bfloat16: ``tf32``, whose 10 mantissa bits exceed bfloat16's
+    7, so the kernels stay within DESIGN.md invariant 8. float16: ``tf32x3``. With ``tf32`` the
+    products of float32 intermediates (P, dS) keep no more precision than float16 itself, and on an
+    H200 (2026-12-04, ``tests/kernels/test_triton_gpu.py``) four float16 gradient cases came out at
+    2.5-5x the torch backend's own float16 error, outside the invariant; three tf32 passes give
+    float32 accuracy at three times the tensor-core work, for float16 inputs only.
+    """
+    if dtype in (torch.float32, torch.float64):
+        return "ieee"
+    return "tf32x3" if dtype == torch.float16 else "tf32"
+
+
 def _tiles(n_j: int, head_dim: int, backward: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a fiber of n_j and head dim D.
 
@@ -75,7 +90,7 @@ class HopSpec:
             DIAG_LSE=self.diag_lse,
             WINDOW=self.window,
             ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-            PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+            PREC=dot_precision(q.dtype),
         )
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, interpreting
+from .launch import acc_dtype, dot_precision, interpreting
 from .rotary import cap_grad, capped
 
 NEG_INIT = tl.constexpr(-1.0e30)
@@ -249,7 +249,7 @@ def retrieve_backward(q, k, v, index, key_ok, out, lse, dout, dlse, m: int, scal
         offsets, slots = query_lists(index, nb)
         retrieve_dkdv_kernel[(nb, b * hq)](
             q, k, v, kok, lse, dout, delta, offsets, slots, dk_q, dv_q, *common, nb, m, float(scale),
-            float(softcap), **flags, PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",
+            float(softcap), **flags, PREC=dot_precision(q.dtype),
             BLOCK_Q=16 if interpreting() else 32, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps,
         )  # fmt: skip
     g = hq // hkv

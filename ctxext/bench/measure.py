@@ -167,29 +167,35 @@ def measure(
     """Measure ``call``; never raises (except KeyboardInterrupt): failures become ``error``.
 
     Returns ``median_s`` (seconds), ``times_s`` (the timed repeats), ``first_call_s``,
-    ``peak_mib``, ``foreign_cpu_frac`` (CPU: the share of the machine's CPU other processes
-    used during the timed calls; these timings are only as good as it is low) and ``error``
-    (None or one line). When the first call alone takes longer
-    than ``max_call_s``, no further calls are made and its time is the cell's time
-    (``timed_calls`` is then 0).
+    ``peak_mib``, ``over_limit``, ``foreign_cpu_frac`` (CPU: the share of the machine's CPU
+    other processes used during the timed calls; these timings are only as good as it is low)
+    and ``error`` (None or one line). The first call is never a cell's time: it may hold
+    one-off work (Triton compiling its kernels took about 6 s of one 0.35 s call on an H200).
+    When it takes longer than ``max_call_s``, one more call is timed; if that one is over the
+    limit too, it is the cell's time (``timed_calls`` 1) and ``over_limit`` is True, which
+    tells the sections to skip the method's longer lengths.
     """
     release(device)
     try:
         with PeakMemory(device) as mem:
             first = timed(call, device)
-        times, noise = [], None
-        if max_call_s is None or first <= max_call_s:
-            for _ in range(max(0, warmup - 1)):
+        times, noise, over = [], None, False
+        if max_call_s is not None and first > max_call_s:
+            times = [timed(call, device)]  # the first call may have been compilation
+            over = times[0] > max_call_s
+        if not over:
+            for _ in range(max(0, warmup - 1 - len(times))):
                 timed(call, device)
             clock = cpu_clock()
             times = [timed(call, device) for _ in range(max(1, repeats))]
             noise = foreign_cpu(clock) if device.type == "cpu" else None
         return {
-            "median_s": statistics.median(times) if times else first,
+            "median_s": statistics.median(times),
             "times_s": times,
             "timed_calls": len(times),
             "first_call_s": first,
             "peak_mib": mem.peak_mib,
+            "over_limit": over,
             "foreign_cpu_frac": noise,
             "error": None,
         }

@@ -317,7 +317,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
         "tensorized_options": {k: v for k, v in ctx.options.to_dict().items() if k != "backend"},
         "timing": f"median of {spec.repeats} timed calls after {spec.warmup} untimed warm-up call(s)"
         + (
-            f"; a method's longer lengths are skipped once one call exceeds {spec.max_call_s} s"
+            f"; a method's longer lengths are skipped once a call after the warm-up exceeds {spec.max_call_s} s"
             if spec.max_call_s
             else ""
         ),

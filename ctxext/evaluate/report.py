@@ -8,6 +8,8 @@ from typing import Any
 
 
 def _fmt_ppl(cell: dict[str, Any]) -> str:
+    if cell.get("not_run"):
+        return "not run"
     if cell.get("oom"):
         return "OOM"
     if not cell.get("docs"):
@@ -16,16 +18,26 @@ def _fmt_ppl(cell: dict[str, Any]) -> str:
 
 
 def _mean_accuracy(row: dict[str, Any]) -> str:
-    values = [v for v in row.values() if v != "oom"]
-    if len(values) < len(row):
+    measured = [v for v in row.values() if v is not None]  # None: not run (an interrupted evaluation)
+    if not measured:
+        return "not run"
+    values = [v for v in measured if v != "oom"]
+    if len(values) < len(measured):
         return "OOM" if not values else f"{100 * sum(values) / len(values):.0f}% (some OOM)"
-    return f"{100 * sum(values) / len(values):.0f}%"
+    mean = f"{100 * sum(values) / len(values):.0f}%"
+    return mean if len(measured) == len(row) else f"{mean} ({len(measured)} of {len(row)} depths)"
+
+
+def _depth_cell(value) -> str:
+    return "not run" if value is None else "OOM" if value == "oom" else f"{100 * value:.0f}%"
 
 
 def markdown(report: dict[str, Any]) -> str:
     proto = report["protocol"]
     lengths = [str(n) for n in proto["lengths"]]
     lines = ["# ctxext evaluation", ""]
+    if proto.get("stopped"):
+        lines += [f"**Partial report:** {proto['stopped']}.", ""]
     lines.append("| model | source | attention | notes |")
     lines.append("|---|---|---|---|")
     for m in report["models"]:
@@ -67,7 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["| depth | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
             for d in depths:
                 cells = [rows[n][d] for n in lengths]
-                lines.append(f"| {d} | " + " | ".join("OOM" if c == "oom" else f"{100 * c:.0f}%" for c in cells) + " |")
+                lines.append(f"| {d} | " + " | ".join(_depth_cell(c) for c in cells) + " |")
         lines += _misses_table(task, report.get("misses", {}).get(task, {}), r.get("scoring_mode", "teacher"))
     lines += ["", f"Device: {proto['device']} ({proto['dtype']}), torch {proto['torch']}.", ""]
     return "\n".join(lines)

@@ -30,6 +30,15 @@ class EvalError(ValueError):
     """The evaluation cannot run as asked; the message lists every problem."""
 
 
+class EvalInterrupted(KeyboardInterrupt):
+    """The evaluation was stopped (Ctrl-C or SIGTERM); ``report`` holds the finished cells, and
+    the partial report was written to the output directory."""
+
+    def __init__(self, report: dict[str, Any]):
+        super().__init__(report["protocol"].get("stopped", "interrupted"))
+        self.report = report
+
+
 @dataclass
 class EvalSpec:
     model: str
@@ -251,12 +260,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     """Run the protocol for every entry; write report.json, report.md and PNGs into ``spec.out``."""
     from tqdm.auto import tqdm
 
-    from ..atomic import atomic_directory
-    from ..generation import answer_matches, generated_answer
-    from .perplexity import document_nll, load_docs, perplexity
-    from .report import write_report
-    from .retrieval import teacher_forced_prediction
-    from .tasks import make_sample
+    from .perplexity import load_docs
 
     errors = validate(spec)
     entries = resolve_entries(spec) if not errors else []
@@ -272,9 +276,9 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
     progress = progress and (group is None or _rank() == 0)
 
     # Load the first model now: a bad source or a missing tokenizer fails before the long work.
-    model, tokenizer = load_entry(entries[0], device)
+    first = [load_entry(entries[0], device)]
+    tokenizer = first[0][1]
     docs = load_docs(spec.data, tokenizer, spec.text_field) if "ppl" in spec.tasks else None
-    docs_key = _tokenizer_key(tokenizer)
     problems = _check_lengths(spec, tokenizer, docs, retrieval)
     if problems:
         raise EvalError("cannot evaluate:\n  - " + "\n  - ".join(problems))
@@ -292,14 +296,57 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         "misses": {t: {} for t in retrieval},  # what the model answered where it was wrong
         "seconds": {},
     }
+    try:
+        _evaluate_entries(spec, entries, first, docs, retrieval, device, group, bar, report)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt: keep what finished
+        done, total = bar.n, bar.total
+        bar.close()
+        mark_not_run(report, spec)
+        report["protocol"]["stopped"] = (
+            f"interrupted after {done} of {total} passes; cells marked 'not run' were not measured"
+        )
+        if group is None or _rank() == 0:
+            _write(report, spec)
+        raise EvalInterrupted(report) from None
+    bar.close()
+    if group is not None:
+        report["protocol"]["context_parallel"] = spec.context_parallel
+        if _rank() != 0:
+            report["protocol"]["rank"] = _rank()
+            return report  # rank 0 writes the report
+    _write(report, spec)
+    return report
+
+
+def _write(report: dict[str, Any], spec) -> None:
+    """report.json, report.md and the plots into ``spec.out``, atomically (never half a report)."""
+    from ..atomic import atomic_directory
+    from .report import write_report
+
+    with atomic_directory(spec.out, force=spec.force) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_report(report, tmp)
+
+
+def _evaluate_entries(spec, entries, first: list, docs, retrieval, device, group, bar, report) -> None:
+    """Fill ``report`` model by model; ``bar`` counts passes.
+
+    first: ``[(model, tokenizer)]`` of ``entries[0]``, loaded by the caller to fail early; taken
+    out of the list here, so each model is freed before the next one loads.
+    """
+    from ..generation import answer_matches, generated_answer
+    from .perplexity import document_nll, load_docs, perplexity
+    from .retrieval import teacher_forced_prediction
+    from .tasks import make_sample
+
+    docs_key = _tokenizer_key(first[0][1])
     for i, entry in enumerate(entries):
         start = time.time()
-        if i > 0:
-            model, tokenizer = load_entry(entry, device)
-            if docs is not None and _tokenizer_key(tokenizer) != docs_key:
-                # A baseline with another tokenizer scores the same documents in its own tokens.
-                docs = load_docs(spec.data, tokenizer, spec.text_field)
-                docs_key = _tokenizer_key(tokenizer)
+        model, tokenizer = first.pop() if i == 0 else load_entry(entry, device)
+        if i > 0 and docs is not None and _tokenizer_key(tokenizer) != docs_key:
+            # A baseline with another tokenizer scores the same documents in its own tokens.
+            docs = load_docs(spec.data, tokenizer, spec.text_field)
+            docs_key = _tokenizer_key(tokenizer)
         bar.set_description(f"eval {entry.label}")
         report["models"][i]["attn_implementation"] = model.config._attn_implementation
         report["models"][i]["tensorized_attention"] = getattr(model.config, "tensorized_attention", None)
@@ -354,16 +401,23 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         report["seconds"][entry.label] = round(time.time() - start, 1)
         del model
         _free()
-    bar.close()
-    if group is not None:
-        report["protocol"]["context_parallel"] = spec.context_parallel
-        if _rank() != 0:
-            report["protocol"]["rank"] = _rank()
-            return report  # rank 0 writes the report
-    with atomic_directory(spec.out, force=spec.force) as tmp:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        write_report(report, tmp)
-    return report
+
+
+def mark_not_run(report: dict[str, Any], spec) -> None:
+    """Give every cell an interrupted run did not finish a 'not run' value, for each model begun.
+
+    Perplexity: ``{"docs": 0, "not_run": True}``; retrieval tasks: ``None`` per depth. A cell is
+    finished or absent (the one in progress is dropped), so the report never shows half a cell.
+    """
+    for rows in report["perplexity"].values():
+        for length in spec.lengths:
+            rows.setdefault(str(length), {"docs": 0, "not_run": True})
+    for grid in report["tasks"].values():
+        for rows in grid.values():
+            for length in spec.lengths:
+                row = rows.setdefault(str(length), {})
+                for depth in spec.depths:
+                    row.setdefault(f"{depth:g}", None)
 
 
 def _tokenizer_key(tokenizer) -> tuple:

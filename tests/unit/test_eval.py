@@ -312,3 +312,44 @@ def test_wrong_answers_are_recorded_with_what_the_model_said(tmp_path, scoring):
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "passkey, tiny-ta: wrong answers" in md and f"`{misses[0]['answer']}`" in md
     assert ("greedy continuation" if scoring == "generate" else "teacher-forced; ") in md
+
+
+def test_an_interrupted_evaluation_writes_the_cells_it_finished(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM under the CLI) during the 4th pass: ppl and the first two passkey cells
+    are kept, the cell in progress and the rest say 'not run', and the CLI exits 130."""
+    import ctxext.evaluate.retrieval as retrieval_mod
+
+    original, calls = retrieval_mod.teacher_forced_prediction, {"n": 0}
+
+    def stop_on_the_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval_mod, "teacher_forced_prediction", stop_on_the_fourth)
+    model_dir, out = _tiny_dir(tmp_path), tmp_path / "eval"
+    args = ["eval", str(model_dir), "--out", str(out), "--lengths", "256,512", "--tasks", "ppl,passkey"]
+    result = runner.invoke(app, [*args, "--depths", "0.2,0.8", "--trials", "1", "--docs", "1"])
+    assert result.exit_code == 130, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["stopped"].startswith("interrupted after 5 of 6 passes")
+    assert all(cell["docs"] == 1 and cell["ppl"] > 1 for cell in report["perplexity"]["tiny-ta"].values())
+    grid = report["tasks"]["passkey"]["tiny-ta"]
+    assert grid["256"]["0.2"] in (0.0, 1.0) and grid["256"]["0.8"] in (0.0, 1.0) and grid["512"]["0.2"] in (0.0, 1.0)
+    assert grid["512"]["0.8"] is None
+    md = (out / "report.md").read_text()
+    assert "**Partial report:** interrupted after 5 of 6 passes" in md and "| 0.8 | " in md and "not run" in md
+    assert (out / "passkey_tiny-ta.png").is_file()
+
+
+def test_sigterm_raises_keyboard_interrupt_only_inside_the_block():
+    import os
+    import signal
+
+    from ctxext.interrupt import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
+    assert signal.getsignal(signal.SIGTERM) is before
