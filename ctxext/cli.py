@@ -667,6 +667,9 @@ def bench(
     max_call_s: Annotated[
         float | None, typer.Option(help="Skip a method's longer lengths once one of its calls takes longer (s).")
     ] = None,
+    profile: Annotated[
+        bool, typer.Option(help="Also profile one call per cell (torch.profiler): <out>/profile/*.txt.")
+    ] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Writes bench.md, bench.json, bench.png here.")] = Path(
         "runs/bench"
     ),
@@ -699,17 +702,25 @@ def bench(
         repeats=repeats,
         threads=threads,
         max_call_s=max_call_s,
+        profile=profile,
         out=out,
     )
+    from .bench.report import markdown
+    from .bench.runner import BenchInterrupted
+    from .interrupt import sigterm_as_interrupt
+
     try:
-        result = run_bench(
-            spec, log=lambda msg: console.print(msg, highlight=False, markup=False), command=command_line(spec)
-        )
+        with sigterm_as_interrupt():
+            result = run_bench(
+                spec, log=lambda msg: console.print(msg, highlight=False, markup=False), command=command_line(spec)
+            )
     except BenchError as err:
         _fail(str(err))
         return
-    from .bench.report import markdown
-
+    except BenchInterrupted as stopped:
+        print(markdown(stopped.result))
+        console.print(f"Stopped: partial results in {', '.join(stopped.result['outputs'].values())}", highlight=False)
+        raise typer.Exit(130) from None
     print()
     print(markdown(result))  # plain: a markdown table to paste
     failed = sum(1 for c in result["cells"] if c.get("error"))

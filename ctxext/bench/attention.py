@@ -17,6 +17,7 @@ import torch
 from .bandwidth import copy_bandwidth, exact_bytes, floor_bytes, tensorized_hop_bytes
 from .measure import describe_error, measure, release
 from .methods import Method, method_problem
+from .profile import profile_cell
 from .sources import attention_shapes
 
 MODES = ("fwd", "fwdbwd")
@@ -137,15 +138,17 @@ def run(ctx) -> list[dict[str, Any]]:
                 if error is not None:
                     cell.update(median_s=None, peak_mib=None, error=error)
                 else:
+                    call = _step(fns[m.name], *inputs[bnhd])
                     cell.update(
                         measure(
-                            _step(fns[m.name], *inputs[bnhd]),
+                            call,
                             ctx.device,
                             warmup=ctx.spec.warmup,
                             repeats=ctx.spec.repeats,
                             max_call_s=ctx.spec.max_call_s,
                         )
                     )
+                    profile_cell(ctx, cell, call)
                 if cell.get("median_s"):
                     cell["x_floor"] = cell["median_s"] / cell["floor_s"]
                     if cell.get("over_limit"):

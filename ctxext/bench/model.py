@@ -27,6 +27,7 @@ import torch
 
 from .measure import describe_error, measure, release
 from .methods import Method, method_problem
+from .profile import profile_cell
 from .sources import attention_shapes
 
 ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "flash2": "flash_attention_2"}
@@ -174,6 +175,7 @@ def run(ctx) -> list[dict[str, Any]]:
                             max_call_s=ctx.spec.max_call_s,
                         )
                     )
+                    profile_cell(ctx, cell, call)
                 if cell.get("median_s"):
                     cell["tokens_per_s"] = ctx.spec.batch * n / cell["median_s"]
                     if cell.get("over_limit"):

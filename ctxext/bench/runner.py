@@ -102,6 +102,7 @@ class BenchSpec:
     repeats: int = 3
     threads: int | None = None  # CPU: torch threads (None: torch's default)
     max_call_s: float | None = None  # a method's longer lengths are skipped once one call exceeds it
+    profile: bool = False  # one more call per cell under torch.profiler: <out>/profile/*.txt
     out: Path = Path("runs/bench")
 
 
@@ -122,12 +123,14 @@ class BenchContext:
     log: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    done: list[dict[str, Any]] = field(default_factory=list)  # every cell reported so far (kept if stopped)
 
     def __post_init__(self) -> None:
         self._start = time.perf_counter()
 
     def progress(self, cell: dict[str, Any]) -> None:
         """One line per measured cell, with the elapsed time of the run."""
+        self.done.append(cell)
         elapsed = time.perf_counter() - self._start
         where = f"{cell['section']:<9} {cell['mode']:<10} N={cell['n']:>6} {cell['method']:<12}"
         if cell.get("error"):
@@ -297,13 +300,18 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
     threads = torch.get_num_threads()
     if spec.threads and ctx.device.type == "cpu":
         torch.set_num_threads(spec.threads)
+    stopped = None
     try:
         for name in sections:
             log(f"[{name}]")
             cells += section_runner(name)(ctx)
-        env = environment(ctx.device)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt: keep the measured cells
+        cells = list(ctx.done)
+        stopped = f"stopped: interrupted after {len(cells)} cells; the report holds those only"
+        ctx.notes.append(stopped)
     finally:
         torch.set_num_threads(threads)
+    env = environment(ctx.device)
     add_ratios(cells)
     result = {
         "command": command,
@@ -328,7 +336,17 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
         "cells": cells,
     }
     report.write(result, Path(spec.out))
+    if stopped:
+        raise BenchInterrupted(result)
     return result
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """The benchmark was stopped; ``result`` holds the cells measured before, already written."""
+
+    def __init__(self, result: dict[str, Any]):
+        super().__init__("interrupted")
+        self.result = result
 
 
 def command_line(spec: BenchSpec) -> str:
@@ -339,6 +357,9 @@ def command_line(spec: BenchSpec) -> str:
     args = ["ctxext", "bench"]
     for name in (f.name for f in dataclasses.fields(BenchSpec) if f.name != "options"):
         value = getattr(spec, name)
+        if isinstance(value, bool):  # a flag
+            args += ["--" + name.replace("_", "-")] if value else []
+            continue
         if value is not None and (value != getattr(default, name) or name == "model"):
             args += ["--" + name.replace("_", "-"), str(value)]
     for key, value in spec.options.items():

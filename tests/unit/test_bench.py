@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,45 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
     assert result.exit_code == 2, text
     assert message in text
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_stopped_bench_writes_the_cells_it_measured(tmp_path, monkeypatch):
+    import ctxext.bench.attention as attention_mod
+
+    original, calls = attention_mod.measure, {"n": 0}
+
+    def stop_on_the_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "measure", stop_on_the_third)
+    result, text = invoke(
+        "--model", "tiny-random:llama", "--lengths", "64,128", "--what", "attention", "--device", "cpu",
+        "--block-sizes", "16", "--threads", "1", "--repeats", "1", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 130, text
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [(c["mode"], c["method"]) for c in data["cells"]] == [("fwd", "sdpa"), ("fwd", "ta-torch")]
+    assert all(c["median_s"] > 0 for c in data["cells"])
+    assert "stopped: interrupted after 2 cells" in (tmp_path / "bench.md").read_text()
+
+
+def test_profile_writes_one_table_per_measured_cell(tmp_path):
+    result, text = invoke(
+        "--model", "tiny-random:llama", "--lengths", "64", "--what", "attention,model", "--device", "cpu",
+        "--block-sizes", "16", "--threads", "1", "--repeats", "1", "--profile", "--out", tmp_path,
+    )  # fmt: skip
+    assert result.exit_code == 0, text
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert " --profile" in data["command"] and "--profile True" not in data["command"]
+    measured = [c for c in data["cells"] if c.get("median_s")]
+    assert len(measured) >= 6  # sdpa and ta-torch, attention fwd / fwd+bwd and model prefill / train
+    for cell in measured:
+        table = Path(cell["profile"]).read_text()
+        assert f"{cell['section']} {cell['mode']}, {cell['method']}, N=64" in table
+        assert "Self CPU" in table and "aten::" in table  # the operators of that call
 
 
 def test_the_shipped_attention_is_benchmarked_as_asked(tmp_path):
