@@ -36,7 +36,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     7, so the kernels stay within DESIGN.md invariant 8. float16: ``tf32x3``. With ``tf32`` the
     products of float32 intermediates (P, dS) keep no more precision than float16 itself, and on an
     H200 (2026-12-04, ``tests/kernels/test_triton_gpu.py``) four float16 gradient cases came out at
-    2.5-5x the torch backend's own float16 error, outside the invariant; three tf32 passes give
+    2.3-4.8x the torch backend's own float16 error, outside the invariant; three tf32 passes give
     float32 accuracy at three times the tensor-core work, for float16 inputs only.
     """
     if dtype in (torch.float32, torch.float64):
