@@ -143,15 +143,9 @@ def test_bad_input_fails_clearly(tmp_path, args, message):
 def test_a_stopped_bench_writes_the_cells_it_measured(tmp_path, monkeypatch):
     import ctxext.bench.attention as attention_mod
 
-    original, calls = attention_mod.measure, {"n": 0}
+    from .interrupting import raising_on_call
 
-    def stop_on_the_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(attention_mod, "measure", stop_on_the_third)
+    monkeypatch.setattr(attention_mod, "measure", raising_on_call(attention_mod.measure, 3, KeyboardInterrupt()))
     result, text = invoke(
         "--model", "tiny-random:llama", "--lengths", "64,128", "--what", "attention", "--device", "cpu",
         "--block-sizes", "16", "--threads", "1", "--repeats", "1", "--out", tmp_path,

@@ -319,15 +319,10 @@ def test_an_interrupted_evaluation_writes_the_cells_it_finished(tmp_path, monkey
     are kept, the cell in progress and the rest say 'not run', and the CLI exits 130."""
     import ctxext.evaluate.retrieval as retrieval_mod
 
-    original, calls = retrieval_mod.teacher_forced_prediction, {"n": 0}
+    from .interrupting import raising_on_call
 
-    def stop_on_the_fourth(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(retrieval_mod, "teacher_forced_prediction", stop_on_the_fourth)
+    stopping = raising_on_call(retrieval_mod.teacher_forced_prediction, 4, KeyboardInterrupt())
+    monkeypatch.setattr(retrieval_mod, "teacher_forced_prediction", stopping)
     model_dir, out = _tiny_dir(tmp_path), tmp_path / "eval"
     args = ["eval", str(model_dir), "--out", str(out), "--lengths", "256,512", "--tasks", "ppl,passkey"]
     result = runner.invoke(app, [*args, "--depths", "0.2,0.8", "--trials", "1", "--docs", "1"])

@@ -16,6 +16,7 @@ from ctxext.cli import app
 from ctxext.data import DataError
 from ctxext.train import FinetuneError, NonFiniteLossError, finetune
 
+from .interrupting import raising_on_call
 from .tiny_recipe import TINY, tiny_recipe
 
 runner = CliRunner()
@@ -26,16 +27,7 @@ def _recipe(tmp_path: Path, *overrides: str):
 
 
 def _interrupt_at(monkeypatch, call: int, exc: BaseException):
-    original = train_mod._micro_loss
-    calls = {"n": 0}
-
-    def wrapped(model, batch):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise exc
-        return original(model, batch)
-
-    monkeypatch.setattr(train_mod, "_micro_loss", wrapped)
+    monkeypatch.setattr(train_mod, "_micro_loss", raising_on_call(train_mod._micro_loss, call, exc))
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, monkeypatch):
