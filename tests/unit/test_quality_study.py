@@ -50,9 +50,18 @@ def test_study_trains_evaluates_and_reports_on_the_tiny_model(tmp_path):
     recall = json.loads((tmp_path / "study" / "recall" / "tiny.json").read_text())
     assert recall["within"]["n"] + recall["beyond"]["n"] == 2
 
+    assert f"recipes in `{tmp_path / 'recipes'}/`" in report and "| 2 | 4,096 |" in report
+
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "ctxext finetune" not in again.stdout and "ctxext eval" not in again.stdout, "finished work is skipped"
+
+    # a run stopped by train.max_minutes after step 1: the table shows the steps and tokens it trained
+    metrics = tmp_path / "run" / "tiny" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    cut = subprocess.run([*args, "--stage", "report"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert cut.returncode == 0, cut.stderr
+    assert "| 1 (of 2: train.max_minutes) | 2,048 |" in (tmp_path / "report" / "report.md").read_text()
 
 
 def _study_module():
