@@ -30,9 +30,21 @@ def test_script_parses(path):
 
 def test_the_training_script_runs_a_valid_recipe():
     text = (ROOT / "benchmarks" / "gpu" / "train_16k.sh").read_text()
-    recipe = re.search(r"RECIPE=(\S+)", text).group(1)
+    recipe = re.search(r"RECIPE=\$\{RECIPE:-(\S+)\}", text).group(1)
     r = load(ROOT / recipe, ["train.max_minutes=3.5"])
     assert r.data.seq_len == 16384 and r.train.schedule == "constant" and r.tensorized_options().rope == "axis"
+
+
+def test_the_matched_control_differs_from_the_16k_run_only_in_length():
+    """Same attention, data density, lr and tokens; T = 2k instead of 16k."""
+    long = load(ROOT / "recipes" / "study-gpu" / "retrieve-b64-c32-16k.yaml")
+    short = load(ROOT / "recipes" / "study-gpu" / "retrieve-b64-c32-2k-matched.yaml")
+    assert short.tensorized_options() == long.tensorized_options() and short.lora == long.lora
+    assert (short.data.seq_len, long.data.seq_len) == (2048, 16384)
+    density = [d.seq_len // d.retrieval_records for d in (short.data, long.data)]
+    assert density[0] == density[1] and short.data.retrieval == long.data.retrieval
+    assert short.train.steps * short.data.seq_len == 77 * long.data.seq_len  # the 16k run's 77 steps
+    assert (short.train.lr, short.train.schedule) == (long.train.lr, long.train.schedule)
 
 
 def test_every_bench_flag_of_the_kernel_script_exists():
