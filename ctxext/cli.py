@@ -439,8 +439,7 @@ def evaluate(
         console.print("Launching: " + " ".join(command), highlight=False, soft_wrap=True)
         raise typer.Exit(subprocess.call(command, env={**os.environ, "CTXEXT_LAUNCHED": "1"}))
     from .evaluate.report import markdown
-    from .evaluate.runner import EvalInterrupted
-    from .interrupt import sigterm_as_interrupt
+    from .interrupt import Interrupted, sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
@@ -448,8 +447,8 @@ def evaluate(
     except (EvalError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
         _fail(str(err))
         return
-    except EvalInterrupted as stopped:
-        console.print(markdown(stopped.report), highlight=False, soft_wrap=True)
+    except Interrupted as stopped:
+        console.print(markdown(stopped.result), highlight=False, soft_wrap=True)
         console.print(f"Stopped: partial report in {out / 'report.md'}", highlight=False)
         raise typer.Exit(130) from None
     if context_parallel > 1 and report.get("protocol", {}).get("rank", 0) != 0:
@@ -706,8 +705,7 @@ def bench(
         out=out,
     )
     from .bench.report import markdown
-    from .bench.runner import BenchInterrupted
-    from .interrupt import sigterm_as_interrupt
+    from .interrupt import Interrupted, sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
@@ -717,7 +715,7 @@ def bench(
     except BenchError as err:
         _fail(str(err))
         return
-    except BenchInterrupted as stopped:
+    except Interrupted as stopped:
         print(markdown(stopped.result))
         console.print(f"Stopped: partial results in {', '.join(stopped.result['outputs'].values())}", highlight=False)
         raise typer.Exit(130) from None

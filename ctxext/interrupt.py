@@ -1,6 +1,7 @@
 """SIGTERM as Ctrl-C, so that long commands stopped by ``timeout``, a batch scheduler or ``kill``
 keep what they finished: ``ctxext finetune`` saves a checkpoint, ``ctxext eval`` writes a partial
-report. Both already handle ``KeyboardInterrupt``; the default SIGTERM ends Python without it.
+report, ``ctxext bench`` the cells it measured. They handle ``KeyboardInterrupt``; the default
+SIGTERM ends Python without it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,16 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped part-way that already wrote what it finished; ``result`` holds it (an eval
+    report, a bench result), for the command line to print before it exits with 130."""
+
+    def __init__(self, result: dict[str, Any], message: str):
+        super().__init__(message)
+        self.result = result
 
 
 def _raise_interrupt(signum, frame) -> None:

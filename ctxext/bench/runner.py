@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..attention.options import TensorizedOptions
+from ..interrupt import Interrupted
 from .methods import (
     BASELINES,
     TA_BACKENDS,
@@ -337,16 +338,8 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
     }
     report.write(result, Path(spec.out))
     if stopped:
-        raise BenchInterrupted(result)
+        raise Interrupted(result, stopped)
     return result
-
-
-class BenchInterrupted(KeyboardInterrupt):
-    """The benchmark was stopped; ``result`` holds the cells measured before, already written."""
-
-    def __init__(self, result: dict[str, Any]):
-        super().__init__("interrupted")
-        self.result = result
 
 
 def command_line(spec: BenchSpec) -> str:

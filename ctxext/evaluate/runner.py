@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..atomic import OutputExistsError, check_output_dir
+from ..interrupt import Interrupted
 
 TASK_NAMES = ("ppl", "passkey", "needle", "multikey", "vartrack")
 SCORINGS = ("teacher", "generate")
@@ -28,15 +29,6 @@ ROPE_SUFFIX = re.compile(r"^(?P<base>.+?)\+(?P<type>linear|dynamic|yarn|llama3)(
 
 class EvalError(ValueError):
     """The evaluation cannot run as asked; the message lists every problem."""
-
-
-class EvalInterrupted(KeyboardInterrupt):
-    """The evaluation was stopped (Ctrl-C or SIGTERM); ``report`` holds the finished cells, and
-    the partial report was written to the output directory."""
-
-    def __init__(self, report: dict[str, Any]):
-        super().__init__(report["protocol"].get("stopped", "interrupted"))
-        self.report = report
 
 
 @dataclass
@@ -307,7 +299,7 @@ def run(spec: EvalSpec, progress: bool = True) -> dict[str, Any]:
         )
         if group is None or _rank() == 0:
             _write(report, spec)
-        raise EvalInterrupted(report) from None
+        raise Interrupted(report, report["protocol"]["stopped"]) from None
     bar.close()
     if group is not None:
         report["protocol"]["context_parallel"] = spec.context_parallel
