@@ -6,7 +6,7 @@ tokens trained on, to see where the curves flatten.
 
 The run's own ``recipe.yaml`` rebuilds its model (base model, tensorized attention, LoRA); each
 checkpoint ``checkpoints/step-N`` (every ``--every`` steps) loads its trainable tensors into it,
-and step 0 is the converted model before training. Per step:
+and step 0 is the converted model before training (``--no-step0`` skips it). Per step:
 
 * **held-out loss**: mean NLL (nats/token) over ``--seqs`` sequences of ``--length`` tokens of
   held-out text (the standard-library packages that training never reads), the same sequences
@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recall-records", type=int, default=16, help="records per retrieval block")
     ap.add_argument("--recall-window", type=int, default=0, help="exact window (default: 2 x the inner block)")
     ap.add_argument("--set", dest="settings", action="append", type=_setting, default=[], help="KEY=VALUE at eval")
+    ap.add_argument(
+        "--no-step0",
+        action="store_true",
+        help="skip step 0 (the converted model before training: the same for every run whose recipe has the same "
+        "model section, so score it once)",
+    )
     ap.add_argument("--smooth", type=int, default=20, help="steps in the running mean of the training loss")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, required=True, help="JSON of scores (kept and extended)")
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         known = previous["scores"]
     recipe = load_run_recipe(args.run)
     window = args.recall_window or run_window(recipe)
-    known = score_run(args.run, checkpoint_steps(args.run, args.every), known, args, window)
+    steps = checkpoint_steps(args.run, args.every)
+    known = score_run(args.run, steps[1:] if args.no_step0 else steps, known, args, window)
     result = {
         **protocol,
         "window": window,

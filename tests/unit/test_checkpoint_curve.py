@@ -68,6 +68,13 @@ def test_each_checkpoint_is_scored_with_its_own_weights(tiny_run, tmp_path, caps
         curve.main([str(tiny_run), *ARGS[:-1], "3", "--out", str(out)])
 
 
+def test_no_step0_scores_only_the_checkpoints(tiny_run, tmp_path):
+    curve = _curve_module()
+    out = tmp_path / "curve.json"
+    curve.main([str(tiny_run), *ARGS, "--no-step0", "--out", str(out)])
+    assert sorted(json.loads(out.read_text())["scores"], key=int) == ["2", "4"]
+
+
 def test_a_directory_that_is_not_a_run_is_named(tmp_path):
     curve = _curve_module()
     with pytest.raises(SystemExit, match="no recipe.yaml"):
