@@ -25,12 +25,15 @@ def report_points(path: Path) -> dict[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("studies", nargs="+", type=Path)
+    ap.add_argument("studies", nargs="*", type=Path, help="study.json files (none: --extra reports only)")
     ap.add_argument("--models", required=True, help="labels separated by ;, in legend order")
     ap.add_argument("--extra", action="append", default=[], help="LABEL=path/to/report.json")
     ap.add_argument("--native", type=int, default=8192)
+    ap.add_argument("--title", default="SmolLM2-135M, fine-tuned at 2,048 tokens (60 LoRA steps)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not args.studies and not args.extra:
+        ap.error("give study.json files, --extra LABEL=REPORT, or both")
 
     curves: dict[str, dict[int, float]] = {}
     for path in args.studies:
@@ -60,7 +63,7 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("tokens")
     ax.set_ylabel("perplexity (held-out text)")
-    ax.set_title("SmolLM2-135M, fine-tuned at 2,048 tokens (60 LoRA steps)")
+    ax.set_title(args.title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

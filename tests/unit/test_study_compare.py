@@ -39,3 +39,14 @@ def test_an_unknown_model_is_named_with_the_known_ones(tmp_path):
     done = _run(str(tmp_path / "a.json"), "--models", "full;fool", "--out", str(tmp_path / "p.png"))
     assert done.returncode != 0
     assert "['fool']" in done.stderr and "full" in done.stderr and not (tmp_path / "p.png").exists()
+
+
+def test_reports_alone_make_a_plot_and_nothing_at_all_is_refused(tmp_path):
+    report = {"models": [{"label": "adapter"}], "perplexity": {"adapter": {"2048": {"ppl": 8.2}, "8192": {"ppl": 7.4}}}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    out = tmp_path / "plot.png"
+    done = _run("--models", "8k", "--extra", f"8k={tmp_path / 'r.json'}", "--title", "by length", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    refused = _run("--models", "8k", "--out", str(tmp_path / "none.png"))
+    assert refused.returncode != 0 and "--extra" in refused.stderr and not (tmp_path / "none.png").exists()
