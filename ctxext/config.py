@@ -55,6 +55,7 @@ class DataSection:
     seed: int = 0  # data order
     retrieval: float = 0.0  # fraction of blocks turned into retrieval blocks (records spliced in, recalled at the end)
     retrieval_records: int = 8  # records per retrieval block
+    retrieval_spread: str = "random"  # random | even: spaced along the read order, so every run reads the fraction
     cache_dir: str | None = None  # tokenised-data cache (default: <output_dir>/../.cache/ctxext-data)
 
 
@@ -292,6 +293,8 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"data.retrieval: a fraction of blocks in [0, 1], got {d.retrieval}")
     if d.retrieval and d.retrieval_records <= 0:
         errors.append(f"data.retrieval_records: must be > 0 when data.retrieval is set, got {d.retrieval_records}")
+    if d.retrieval_spread not in ("random", "even"):
+        errors.append(f"data.retrieval_spread: random or even, got {d.retrieval_spread!r}")
     if lo.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize: unknown value {lo.quantize!r}; choose none or 4bit")
     if not 0 <= lo.dropout < 1:

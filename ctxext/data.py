@@ -221,7 +221,9 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
         from .retrieval_data import mix_retrieval
 
         try:
-            stacked = mix_retrieval(stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed)
+            stacked = mix_retrieval(
+                stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed, data.retrieval_spread
+            )
         except ValueError as err:
             raise DataError(str(err)) from None
     result = TokenBlocks(stacked, documents, tokens_read, cache_path)
@@ -246,3 +248,45 @@ def batch_indices(n_blocks: int, seed: int, micro_step: int, batch_size: int) ->
         epoch, pos = divmod(i, n_blocks)
         out.append(block_order(n_blocks, seed, epoch)[pos])
     return np.asarray(out)
+
+
+def read_counts(n_blocks: int, seed: int, reads: int) -> np.ndarray:
+    """``(n_blocks,)`` int: how often each block is among the first ``reads`` reads of :func:`batch_indices`.
+
+    Global read i is position ``i mod n_blocks`` of epoch ``i // n_blocks``'s :func:`block_order`.
+    """
+    full, rest = divmod(reads, n_blocks)
+    counts = np.full(n_blocks, full, dtype=np.int64)
+    counts[block_order(n_blocks, seed, full)[:rest]] += 1
+    return counts
+
+
+READS_FILE = "data.json"  # in a run's output directory: what it reads (:func:`describe_reads`)
+
+
+def describe_reads(blocks: TokenBlocks, data, sequences: int) -> tuple[dict, list[str]]:
+    """What a run reading ``sequences`` training sequences of ``blocks`` reads, as a record and log lines.
+
+    data: the recipe's data section; sequences: steps x grad_accum x batch_size x data-parallel
+    processes. With ``data.retrieval`` the record counts the retrieval sequences and records
+    among them (:func:`ctxext.retrieval_data.retrieval_reads`).
+    """
+    n = len(blocks)
+    record = {
+        "blocks": n,
+        "seq_len": int(blocks.blocks.shape[1]),
+        "documents": blocks.documents,
+        "sequences": sequences,
+        "passes": sequences / n,
+    }
+    lines = [
+        f"data: {n:,} blocks of {record['seq_len']:,} tokens from {blocks.documents:,} documents; the run reads "
+        f"{sequences:,} sequences ({record['passes']:.2f} passes)"
+    ]
+    if data.retrieval:
+        from .retrieval_data import retrieval_reads
+
+        reads = retrieval_reads(n, data, sequences)
+        record["retrieval"] = {"spread": data.retrieval_spread, **reads.__dict__}
+        lines.append(reads.describe())
+    return record, lines

@@ -94,14 +94,85 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
     return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers, [len(s) for s in statements])
 
 
-def mix_retrieval(blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int) -> np.ndarray:
-    """Turn ``round(fraction * n)`` of the ``(n, L)`` blocks (chosen by ``seed``) into retrieval blocks."""
+SPREADS = ("random", "even")
+
+
+def retrieval_blocks(n_blocks: int, fraction: float, seed: int, spread: str = "random") -> np.ndarray:
+    """Which of ``n_blocks`` training blocks become retrieval blocks: sorted block numbers.
+
+    ``round(fraction * n_blocks)`` of them. ``spread="random"`` draws them at random (the first
+    draw of the generator :func:`mix_retrieval` then lays the blocks out with); a short run
+    that reads only part of the corpus then reads a chance number of them. ``spread="even"``
+    spaces them evenly along the order the training loop reads the blocks in its first pass
+    (:func:`ctxext.data.block_order`, ``seed`` = ``data.seed``), so that every run reading
+    ``P <= n_blocks`` sequences reads ``floor(P * count / n_blocks)`` of them: the fraction
+    of the corpus is the fraction of what any run reads.
+    """
+    if spread not in SPREADS:
+        raise ValueError(f"data.retrieval_spread: one of {', '.join(SPREADS)}, got {spread!r}")
+    count = int(round(fraction * n_blocks))
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    if spread == "random":
+        return np.sort(np.random.default_rng([seed, 7919]).choice(n_blocks, size=count, replace=False))
+    from .data import block_order
+
+    place = np.arange(n_blocks)
+    first_pass = (place + 1) * count // n_blocks - place * count // n_blocks == 1  # Bresenham: P -> floor(P c / n)
+    return np.sort(block_order(n_blocks, seed, 0)[first_pass])
+
+
+def mix_retrieval(
+    blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int, spread: str = "random"
+) -> np.ndarray:
+    """Turn the :func:`retrieval_blocks` of the ``(n, L)`` blocks into retrieval blocks."""
     if fraction <= 0:
         return blocks
     rng = np.random.default_rng([seed, 7919])
     n = len(blocks)
-    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    if spread == "random":  # the draw retrieval_blocks makes, in the order the layouts were drawn in
+        chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    else:
+        chosen = retrieval_blocks(n, fraction, seed, spread)
     out = blocks.copy()
     for i in chosen:
         out[i] = retrieval_layout(blocks[i], tokenizer, records, rng).ids
     return out
+
+
+@dataclass
+class RetrievalReads:
+    """What a run of ``sequences`` reads: ``retrieval_sequences`` of them retrieval blocks.
+
+    ``records`` = ``retrieval_sequences`` x ``data.retrieval_records``; a block read twice
+    counts twice. ``corpus_blocks`` / ``corpus_retrieval``: the blocks there are, and how many
+    of them are retrieval blocks.
+    """
+
+    sequences: int
+    retrieval_sequences: int
+    records: int
+    corpus_blocks: int
+    corpus_retrieval: int
+
+    def describe(self) -> str:
+        share = self.retrieval_sequences / max(1, self.sequences)
+        return (
+            f"retrieval: {self.retrieval_sequences:,} of the {self.sequences:,} sequences this run reads carry records "
+            f"({share:.0%}, {self.records:,} records); the corpus holds {self.corpus_retrieval:,} retrieval blocks "
+            f"of {self.corpus_blocks:,}"
+        )
+
+
+def retrieval_reads(n_blocks: int, data, sequences: int) -> RetrievalReads:
+    """Count the retrieval sequences among the first ``sequences`` a run reads.
+
+    n_blocks: the corpus's blocks; data: the recipe's data section (``retrieval``,
+    ``retrieval_records``, ``retrieval_spread``, ``seed``); sequences: steps x grad_accum x
+    batch_size x data-parallel processes, the reads of :func:`ctxext.data.batch_indices`.
+    """
+    from .data import read_counts
+
+    chosen = retrieval_blocks(n_blocks, data.retrieval, data.seed, data.retrieval_spread)
+    read = int(read_counts(n_blocks, data.seed, sequences)[chosen].sum())
+    return RetrievalReads(sequences, read, read * data.retrieval_records, n_blocks, len(chosen))

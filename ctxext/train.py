@@ -26,7 +26,7 @@ from .atomic import atomic_directory
 from .attention import summary, transfer
 from .attention.context_parallel import context_parallel
 from .config import Recipe, dump
-from .data import TokenBlocks, batch_indices, build_blocks
+from .data import READS_FILE, TokenBlocks, batch_indices, build_blocks, describe_reads
 from .loss import check_same_vocabulary, chunked_token_nll, final_hidden, sequence_distill_terms, sequence_nll
 
 DEFAULT_TARGETS = {
@@ -512,6 +512,18 @@ def _micro_loss(wrapped, batch: torch.Tensor) -> torch.Tensor:
     return wrapped(batch)
 
 
+def _record_reads(output_dir: Path, blocks: TokenBlocks, recipe: Recipe, steps: int, data_size: int) -> list[str]:
+    """Write what ``steps`` optimizer steps read to ``output_dir/data.json``; return its log lines."""
+    t = recipe.train
+    reads, lines = describe_reads(blocks, recipe.data, steps * t.grad_accum * t.batch_size * data_size)
+    reads["steps"] = steps
+    (output_dir / READS_FILE).write_text(json.dumps(reads, indent=1) + "\n")
+    if t.max_minutes:
+        lines[0] += f" in {steps} steps unless train.max_minutes={t.max_minutes:g} stops it sooner"
+        lines[0] += f" ({READS_FILE} then says what it read)"
+    return lines
+
+
 def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResult:
     """Run a recipe. Returns the output locations and the per-step losses."""
     from accelerate import Accelerator
@@ -558,6 +570,8 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RECIPE_FILE).write_text(dump(recipe))
+        for line in _record_reads(output_dir, blocks, recipe, t.steps, data_size):
+            log(line)
     metrics_path = output_dir / "metrics.jsonl"
     if resume_from is not None:
         step, losses = load_checkpoint(resume_from, model, optimizer, scheduler)
@@ -648,6 +662,8 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         parallel.close()
         bar.close()
 
+    if main and step < t.steps:  # stopped early: what it read
+        _record_reads(output_dir, blocks, recipe, step, data_size)
     model = accelerator.unwrap_model(wrapped).model
     result = FinetuneResult(output_dir, None, None, step, losses, interrupted, out_of_time)
     digest = parameter_digest(model)

@@ -251,6 +251,9 @@ def test_max_minutes_stops_saves_as_at_the_end_and_resumes_to_the_same_losses(tm
     assert cut.out_of_time and not cut.interrupted and cut.steps == 1
     assert cut.adapter_dir is not None and (cut.adapter_dir / "adapter_config.json").is_file()
     assert any("train.max_minutes=1 reached after step 1 of 6" in m for m in messages), messages
+    assert "in 6 steps unless train.max_minutes=1 stops it sooner" in messages[0], messages
+    read = json.loads((tmp_path / "b" / "run" / "data.json").read_text())
+    assert (read["steps"], read["sequences"]) == (1, 4), "data.json says what the cut run read (batch 2 x accum 2)"
     monkeypatch.undo()
     resumed = finetune(_recipe(tmp_path / "b", "train.resume=true"), log=lambda m: None)
     assert resumed.steps == 6 and not resumed.out_of_time

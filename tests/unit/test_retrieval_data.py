@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ctxext.config import RecipeError, load
-from ctxext.data import DataError, build_blocks
-from ctxext.retrieval_data import mix_retrieval, retrieval_layout
+from ctxext.data import DataError, batch_indices, block_order, build_blocks, describe_reads
+from ctxext.retrieval_data import mix_retrieval, retrieval_blocks, retrieval_layout, retrieval_reads
 from ctxext.tiny import byte_tokenizer
 
 TINY = Path(__file__).parents[2] / "recipes" / "tiny-debug.yaml"
@@ -65,3 +65,70 @@ def test_recipe_builds_mixed_blocks_and_reports_bad_settings(tmp_path):
         load(TINY, [*base, "data.retrieval=1.5"])
     with pytest.raises(RecipeError, match="data.retrieval_records: must be > 0"):
         load(TINY, [*base, "data.retrieval=0.5", "data.retrieval_records=0"])
+
+
+@pytest.mark.parametrize("spread", ["random", "even"])
+def test_retrieval_blocks_names_the_blocks_the_mix_turns(spread):
+    tok = byte_tokenizer()
+    blocks = np.stack([_text(512) + i for i in range(13)])
+    mixed = mix_retrieval(blocks, tok, 0.4, 2, seed=3, spread=spread)
+    changed = np.flatnonzero((mixed != blocks).any(axis=1))
+    assert np.array_equal(changed, retrieval_blocks(13, 0.4, 3, spread)) and len(changed) == 5
+
+
+def test_random_spread_is_the_draw_earlier_rounds_trained_on():
+    # the data of every recipe before retrieval_spread existed must not change
+    tok = byte_tokenizer()
+    blocks = np.stack([_text(512) + i for i in range(10)])
+    assert np.array_equal(mix_retrieval(blocks, tok, 0.3, 2, seed=1), mix_retrieval(blocks, tok, 0.3, 2, 1, "random"))
+    rng = np.random.default_rng([1, 7919])
+    assert np.array_equal(retrieval_blocks(10, 0.3, 1), np.sort(rng.choice(10, size=3, replace=False)))
+
+
+@pytest.mark.parametrize("n,fraction", [(60, 0.5), (597, 0.5), (149, 0.21), (7, 1.0), (10, 0.04)])
+def test_even_spread_gives_every_run_the_fraction(n, fraction):
+    chosen = set(retrieval_blocks(n, fraction, 5, "even").tolist())
+    count = round(fraction * n)
+    assert len(chosen) == count
+    first_pass = block_order(n, 5, 0)
+    held = np.cumsum([int(b) in chosen for b in first_pass])  # retrieval blocks among the first P reads
+    assert np.array_equal(held, np.arange(1, n + 1) * count // n)
+
+
+def _brute_force_reads(n, data, steps, grad_accum, batch_size):
+    chosen = set(retrieval_blocks(n, data.retrieval, data.seed, data.retrieval_spread).tolist())
+    read = [int(i) for s in range(steps * grad_accum) for i in batch_indices(n, data.seed, s, batch_size)]
+    return sum(i in chosen for i in read)
+
+
+@pytest.mark.parametrize("spread", ["random", "even"])
+@pytest.mark.parametrize("steps,grad_accum,batch_size", [(3, 1, 1), (15, 4, 1), (7, 2, 3), (40, 1, 2)])
+def test_retrieval_reads_counts_what_the_training_loop_reads(steps, grad_accum, batch_size, spread):
+    data = load(TINY, ["data.retrieval=0.5", "data.retrieval_records=16", f"data.retrieval_spread={spread}"]).data
+    n = 23  # 40 x 2 reads pass over it more than three times
+    reads = retrieval_reads(n, data, steps * grad_accum * batch_size)
+    expected = _brute_force_reads(n, data, steps, grad_accum, batch_size)
+    assert reads.retrieval_sequences == expected and reads.records == 16 * expected
+    assert (reads.sequences, reads.corpus_blocks, reads.corpus_retrieval) == (steps * grad_accum * batch_size, n, 12)
+    if spread == "even" and reads.sequences <= n:
+        assert expected == reads.sequences * 12 // n
+
+
+def test_describe_reads_logs_the_records_a_run_reads(tmp_path):
+    overrides = [f"data.cache_dir={tmp_path}", "data.max_tokens=8192", "data.seq_len=512", "data.retrieval=0.5"]
+    recipe = load(TINY, [*overrides, "data.retrieval_records=3", "data.retrieval_spread=even"])
+    blocks = build_blocks(recipe.data, byte_tokenizer(), tmp_path)
+    n = len(blocks)
+    record, lines = describe_reads(blocks, recipe.data, 2 * n)  # two passes: every retrieval block twice
+    read = 2 * round(0.5 * n)
+    assert record["retrieval"]["retrieval_sequences"] == read and record["retrieval"]["records"] == 3 * read
+    assert lines[1].startswith(f"retrieval: {read} of the {2 * n} sequences this run reads carry records")
+    assert lines[0].endswith("(2.00 passes)")
+    plain = load(TINY, [*overrides[:3]])
+    record, lines = describe_reads(build_blocks(plain.data, byte_tokenizer(), tmp_path), plain.data, 6)
+    assert "retrieval" not in record and len(lines) == 1 and "the run reads 6 sequences" in lines[0]
+
+
+def test_a_bad_retrieval_spread_is_named():
+    with pytest.raises(RecipeError, match="data.retrieval_spread: random or even, got 'evenly'"):
+        load(TINY, ["data.retrieval=0.5", "data.retrieval_spread=evenly"])
