@@ -669,6 +669,13 @@ def bench(
     profile: Annotated[
         bool, typer.Option(help="Also profile one call per cell (torch.profiler): <out>/profile/*.txt.")
     ] = False,
+    score_budget_scale: Annotated[
+        int,
+        typer.Option(
+            help="Score the far-block choice (and no-grad outer hops) in chunks this many times larger: fewer "
+            "kernel launches for more transient memory (default 1: chunks sized for a CPU)."
+        ),
+    ] = 1,
     out: Annotated[Path, typer.Option("--out", "-o", help="Writes bench.md, bench.json, bench.png here.")] = Path(
         "runs/bench"
     ),
@@ -702,6 +709,7 @@ def bench(
         threads=threads,
         max_call_s=max_call_s,
         profile=profile,
+        score_budget_scale=score_budget_scale,
         out=out,
     )
     from .bench.report import markdown

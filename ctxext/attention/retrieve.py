@@ -52,6 +52,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import score_budget
 from .options import TensorizedOptions
 from .rope import rerotate
 from .softmax import masked_softmax
@@ -108,7 +109,8 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
 
 # The choice scores every far (sub-)block for every query: ``(B, Hq, Q, nb * m / s)`` bounds
 # (``s = opts.retrieval_score_block``). Queries are
-# scored in chunks so that this tensor stays below this many elements (32 MiB in float32).
+# scored in chunks so that this tensor stays below this many elements (32 MiB in float32), times
+# score_budget.SCALE.
 SELECT_SCORE_BUDGET = 1 << 23
 
 
@@ -154,7 +156,7 @@ def far_block_index(
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
     top = min(opts.retrieve, nb)
     proposed = max(opts.retrieve_candidates, top)  # blocks the bound proposes (= top: it chooses alone)
-    rows = max(1, SELECT_SCORE_BUDGET // max(1, b * hq * nb * per))
+    rows = max(1, score_budget.budget(SELECT_SCORE_BUDGET) // max(1, b * hq * nb * per))
     picks = []
     for first in range(0, n_q, rows):
         part = slice(first, min(first + rows, n_q))
@@ -175,7 +177,7 @@ def far_block_index(
 
 
 # The exact stage of a two-stage choice keeps its score tensors below this many elements
-# (64 MiB in float32) by scoring R queries at a time.
+# (64 MiB in float32; times score_budget.SCALE) by scoring R queries at a time.
 EXACT_SCORE_BUDGET = 1 << 24
 
 # The exact stage scores the union of a chunk's candidate blocks while the far blocks number at
@@ -224,7 +226,7 @@ def exact_scores_over_union(
     g, ok = hq // hkv, ok_pad.view(b, 1, 1, nb, m)
     offsets = torch.arange(m, device=qs.device)
     scores = []
-    rows = max(1, EXACT_SCORE_BUDGET // max(1, b * hq * nb * m))  # the union is at most every block
+    rows = max(1, score_budget.budget(EXACT_SCORE_BUDGET) // max(1, b * hq * nb * m))  # the union: at most all
     for first in range(0, n_q, rows):
         part = slice(first, min(first + rows, n_q))
         r = part.stop - part.start
@@ -262,7 +264,7 @@ def exact_scores_by_block(
     bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)  # -inf on keys not retrievable
     head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
     scores = []
-    chunk = max(1, EXACT_SCORE_BUDGET // max(1, b * hq * c * max(d, m)))
+    chunk = max(1, score_budget.budget(EXACT_SCORE_BUDGET) // max(1, b * hq * c * max(d, m)))
     for first in range(0, n_q, chunk):
         part = slice(first, min(first + chunk, n_q))
         r = part.stop - part.start

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import score_budget
 from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
 from .retrieve import (
@@ -181,7 +182,8 @@ def _local_hop_sdpa(q, k, v, n: int, need_full: bool):
 
 
 # Without autograd, an outer hop runs over groups of fibers so that its score tensor stays
-# below this many elements: peak memory then grows linearly with N (16 MiB in float32).
+# below this many elements (times score_budget.SCALE): peak memory then grows linearly with N
+# (16 MiB in float32).
 NO_GRAD_SCORE_BUDGET = 1 << 22
 
 
@@ -213,7 +215,7 @@ def _outer_hop(
     step = c
     tracked = [x for x in (qf, kf, *fibered.values()) if x is not None]
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in tracked)):
-        step = max(1, min(c, NO_GRAD_SCORE_BUDGET // max(1, b * hq * a * n_j * (n_j + 1))))
+        step = max(1, min(c, score_budget.budget(NO_GRAD_SCORE_BUDGET) // max(1, b * hq * a * n_j * (n_j + 1))))
     outs = []
     for c0 in range(0, c, step):
         part = slice(c0, c0 + step)

@@ -75,6 +75,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Time: {result['timing']}. vs SDPA = SDPA time / this time (> 1: faster than SDPA), measured in this run.",
         result["memory_method"],
     ]
+    if result.get("score_budget_scale", 1) != 1:
+        lines.append(f"Score chunks {result['score_budget_scale']}x the default (`--score-budget-scale`).")
     att = result["info"].get("attention")
     if att:
         s, bw = att["shapes"], att["bandwidth"]

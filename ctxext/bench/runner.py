@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..attention import score_budget
 from ..attention.options import TensorizedOptions
 from ..interrupt import Interrupted
 from .methods import (
@@ -104,6 +105,7 @@ class BenchSpec:
     threads: int | None = None  # CPU: torch threads (None: torch's default)
     max_call_s: float | None = None  # a method's longer lengths are skipped once one call exceeds it
     profile: bool = False  # one more call per cell under torch.profiler: <out>/profile/*.txt
+    score_budget_scale: int = 1  # chunks of the no-grad score computations this many times larger
     out: Path = Path("runs/bench")
 
 
@@ -200,6 +202,8 @@ def build_context(spec: BenchSpec, log: Callable[[str], None] = print) -> BenchC
         errors.append(f"--layers must be at least 1, got {spec.layers}")
     if spec.warmup < 1 or spec.repeats < 1:
         errors.append(f"--warmup and --repeats must be at least 1, got {spec.warmup} and {spec.repeats}")
+    if spec.score_budget_scale < 1:
+        errors.append(f"--score-budget-scale must be at least 1, got {spec.score_budget_scale}")
     ckpt = spec.grad_checkpointing or ("on" if device.type == "cuda" else "off")
     if ckpt not in GRAD_CHECKPOINTING:
         errors.append(f"--grad-checkpointing: choose off, on or both, got {ckpt!r}")
@@ -303,9 +307,10 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
         torch.set_num_threads(spec.threads)
     stopped = None
     try:
-        for name in sections:
-            log(f"[{name}]")
-            cells += section_runner(name)(ctx)
+        with score_budget.scaled(spec.score_budget_scale):
+            for name in sections:
+                log(f"[{name}]")
+                cells += section_runner(name)(ctx)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt: keep the measured cells
         cells = list(ctx.done)
         stopped = f"stopped: interrupted after {len(cells)} cells; the report holds those only"
@@ -331,6 +336,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
             else ""
         ),
         "memory_method": memory_method(ctx.device),
+        "score_budget_scale": spec.score_budget_scale,
         "notes": ctx.notes,
         "info": ctx.info,
         "wall_s": time.perf_counter() - start,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,19 @@ def test_the_matched_control_differs_from_the_16k_run_only_in_length():
 
 def test_every_bench_flag_of_the_kernel_script_exists():
     text = (ROOT / "benchmarks" / "gpu" / "kernels_and_speed.sh").read_text()
-    bench_text = text[text.index("SHIPPED=") :]
+    bench_text = re.sub(r"\n[^\n]*choice_chunks\.py[^\n]*\\\n[^\n]*", "", text[text.index("SHIPPED=") :])
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", bench_text))
     usage = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=200).output.split())
     missing = sorted(f for f in flags if f not in usage)
     assert not missing, f"ctxext bench has no {missing}"
+
+
+def test_every_flag_of_the_choice_benchmark_in_the_kernel_script_exists():
+    text = (ROOT / "benchmarks" / "gpu" / "kernels_and_speed.sh").read_text()
+    call = re.search(r"choice_chunks\.py([^\n]*\\\n[^\n]*)", text).group(1)
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", call))
+    assert flags >= {"--lengths", "--scales", "--out"}
+    usage = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "choice_chunks.py"), "--help"], capture_output=True, text=True
+    ).stdout
+    assert not sorted(f for f in flags if f not in usage), usage
