@@ -151,7 +151,10 @@ class TokenBlocks:
 
 def _fingerprint(data, tokenizer, files: list[Path] | None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(data.__dict__, sort_keys=True, default=str).encode())
+    settings = dict(data.__dict__)
+    if settings.get("retrieval_spread") == "random":  # the blocks from before the option existed: keep their caches
+        del settings["retrieval_spread"]
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
     h.update(str(len(tokenizer)).encode())
     h.update(str(tokenizer.eos_token_id).encode())

@@ -97,29 +97,33 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
 SPREADS = ("random", "even")
 
 
-def retrieval_blocks(n_blocks: int, fraction: float, seed: int, spread: str = "random") -> np.ndarray:
-    """Which of ``n_blocks`` training blocks become retrieval blocks: sorted block numbers.
-
-    ``round(fraction * n_blocks)`` of them. ``spread="random"`` draws them at random (the first
-    draw of the generator :func:`mix_retrieval` then lays the blocks out with); a short run
-    that reads only part of the corpus then reads a chance number of them. ``spread="even"``
-    spaces them evenly along the order the training loop reads the blocks in its first pass
-    (:func:`ctxext.data.block_order`, ``seed`` = ``data.seed``), so that every run reading
-    ``P <= n_blocks`` sequences reads ``floor(P * count / n_blocks)`` of them: the fraction
-    of the corpus is the fraction of what any run reads.
-    """
+def _draw(n_blocks: int, fraction: float, seed: int, spread: str) -> tuple[np.ndarray, np.random.Generator]:
+    """The retrieval blocks in the order their layouts are drawn, and the generator that draws them next."""
     if spread not in SPREADS:
         raise ValueError(f"data.retrieval_spread: one of {', '.join(SPREADS)}, got {spread!r}")
+    rng = np.random.default_rng([seed, 7919])
     count = int(round(fraction * n_blocks))
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
     if spread == "random":
-        return np.sort(np.random.default_rng([seed, 7919]).choice(n_blocks, size=count, replace=False))
+        return rng.choice(n_blocks, size=count, replace=False), rng
     from .data import block_order
 
     place = np.arange(n_blocks)
     first_pass = (place + 1) * count // n_blocks - place * count // n_blocks == 1  # Bresenham: P -> floor(P c / n)
-    return np.sort(block_order(n_blocks, seed, 0)[first_pass])
+    return np.sort(block_order(n_blocks, seed, 0)[first_pass]), rng
+
+
+def retrieval_blocks(n_blocks: int, fraction: float, seed: int, spread: str = "random") -> np.ndarray:
+    """Which of ``n_blocks`` training blocks become retrieval blocks: sorted block numbers.
+
+    ``round(fraction * n_blocks)`` of them. ``spread="random"`` draws them at random (the draw
+    every recipe before ``data.retrieval_spread`` trained on); a short run that reads only part
+    of the corpus then reads a chance number of them. ``spread="even"`` spaces them evenly along
+    the order the training loop reads the blocks in its first pass
+    (:func:`ctxext.data.block_order`, ``seed`` = ``data.seed``), so that every run reading
+    ``P <= n_blocks`` sequences reads ``floor(P * count / n_blocks)`` of them: the fraction of
+    the corpus is the fraction of what any run reads.
+    """
+    return np.sort(_draw(n_blocks, fraction, seed, spread)[0])
 
 
 def mix_retrieval(
@@ -128,12 +132,7 @@ def mix_retrieval(
     """Turn the :func:`retrieval_blocks` of the ``(n, L)`` blocks into retrieval blocks."""
     if fraction <= 0:
         return blocks
-    rng = np.random.default_rng([seed, 7919])
-    n = len(blocks)
-    if spread == "random":  # the draw retrieval_blocks makes, in the order the layouts were drawn in
-        chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
-    else:
-        chosen = retrieval_blocks(n, fraction, seed, spread)
+    chosen, rng = _draw(len(blocks), fraction, seed, spread)
     out = blocks.copy()
     for i in chosen:
         out[i] = retrieval_layout(blocks[i], tokenizer, records, rng).ids

@@ -132,3 +132,13 @@ def test_describe_reads_logs_the_records_a_run_reads(tmp_path):
 def test_a_bad_retrieval_spread_is_named():
     with pytest.raises(RecipeError, match="data.retrieval_spread: random or even, got 'evenly'"):
         load(TINY, ["data.retrieval=0.5", "data.retrieval_spread=evenly"])
+
+
+def test_the_default_spread_keeps_the_data_caches_of_earlier_runs():
+    from ctxext.data import _fingerprint
+
+    data = load(TINY, ["data.retrieval=0.5"]).data
+    # the key this data section had before data.retrieval_spread existed (computed on commit 748936b)
+    assert _fingerprint(data, byte_tokenizer(), None) == "825aebae22d555aced6e"
+    even = load(TINY, ["data.retrieval=0.5", "data.retrieval_spread=even"]).data
+    assert _fingerprint(even, byte_tokenizer(), None) != "825aebae22d555aced6e", "other blocks, another cache"
