@@ -488,8 +488,9 @@ def check_output_dir(recipe: Recipe, output_dir: Path) -> Path | None:
     latest = next(reversed(checkpoint_dirs(output_dir)), None)
     if recipe_file.is_file():
         previous = yaml.safe_load(recipe_file.read_text()) or {}
-        current = recipe.to_dict()
-        same = all(previous.get(k) == current.get(k) for k in ("model", "lora", "data"))
+        current, defaults = recipe.to_dict(), type(recipe)().to_dict()
+        # settings added since the run was saved count at their defaults (what it trained with)
+        same = all({**defaults[k], **(previous.get(k) or {})} == current[k] for k in ("model", "lora", "data"))
         if not recipe.train.resume:
             raise FinetuneError(
                 f"train.output_dir {output_dir} holds another run; pass train.resume=true to continue it "

@@ -260,6 +260,22 @@ def test_max_minutes_stops_saves_as_at_the_end_and_resumes_to_the_same_losses(tm
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
+    import yaml
+
+    finetune(_recipe(tmp_path, "train.steps=3"), log=lambda m: None)
+    saved = tmp_path / "run" / "recipe.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["data"]["retrieval_spread"]  # as written before data.retrieval_spread existed
+    saved.write_text(yaml.safe_dump(old))
+    resumed = finetune(_recipe(tmp_path, "train.resume=true"), log=lambda m: None)
+    assert resumed.steps == 6
+    old["data"]["seed"] = 1
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(FinetuneError, match="different model/lora/data settings"):
+        finetune(_recipe(tmp_path, "train.resume=true", "train.steps=8"), log=lambda m: None)
+
+
 def test_a_negative_max_minutes_is_named():
     from ctxext import config
 
