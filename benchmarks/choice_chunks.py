@@ -67,7 +67,7 @@ def measure(length: int, scales: list[int], repeats: int, device: torch.device, 
         reference = index if reference is None else reference
         agreement = (index == reference).float().mean().item()  # < 1 only by rounding (bfloat16 matmul shapes)
         rows[scale] = {"n": length, "scale": scale, "op_calls": counter.calls, "seconds": [],
-                       "same_choice": agreement}  # fmt: skip
+                       "choices_as_scale_1": agreement}  # fmt: skip
     for _ in range(repeats):
         for scale in scales:  # interleaved
             with score_budget.scaled(scale):
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in rows:
             ratio = rows[0]["median_s"] / row["median_s"]
             print(f"| {length} | {row['scale']} | {row['op_calls']:,} | {row['median_s']:.3f} | {ratio:.2f}x | "
-                  f"{row['same_choice']:.2%} |", flush=True)  # fmt: skip
+                  f"{row['choices_as_scale_1']:.2%} |", flush=True)  # fmt: skip
         out += rows
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .attention.options import TensorizedOptions
+from .retrieval_data import SPREADS
 
 ATTENTION_KINDS = ("tensorized", "sdpa", "eager")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -293,8 +294,8 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"data.retrieval: a fraction of blocks in [0, 1], got {d.retrieval}")
     if d.retrieval and d.retrieval_records <= 0:
         errors.append(f"data.retrieval_records: must be > 0 when data.retrieval is set, got {d.retrieval_records}")
-    if d.retrieval_spread not in ("random", "even"):
-        errors.append(f"data.retrieval_spread: random or even, got {d.retrieval_spread!r}")
+    if d.retrieval_spread not in SPREADS:
+        errors.append(f"data.retrieval_spread: {' or '.join(SPREADS)}, got {d.retrieval_spread!r}")
     if lo.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize: unknown value {lo.quantize!r}; choose none or 4bit")
     if not 0 <= lo.dropout < 1:

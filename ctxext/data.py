@@ -149,11 +149,14 @@ class TokenBlocks:
         return len(self.blocks)
 
 
+# Data settings added after the cache key was defined, with the value that builds the blocks as before
+# they existed: left out of the key at that value, so that earlier runs' caches stay valid.
+ADDED_SETTINGS = {"retrieval_spread": "random"}
+
+
 def _fingerprint(data, tokenizer, files: list[Path] | None) -> str:
     h = hashlib.sha256()
-    settings = dict(data.__dict__)
-    if settings.get("retrieval_spread") == "random":  # the blocks from before the option existed: keep their caches
-        del settings["retrieval_spread"]
+    settings = {k: v for k, v in data.__dict__.items() if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
     h.update(str(len(tokenizer)).encode())

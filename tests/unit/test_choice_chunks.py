@@ -16,7 +16,7 @@ def test_larger_chunks_mean_fewer_operator_calls_and_the_same_choice(tmp_path, c
     out = tmp_path / "chunks.json"
     rows = module.main(["--lengths", "1k", "--scales", "1,4", "--repeats", "1", "--device", "cpu", "--out", str(out)])
     assert [(r["n"], r["scale"]) for r in rows] == [(1024, 1), (1024, 4)]
-    assert rows[1]["op_calls"] < rows[0]["op_calls"] and all(r["same_choice"] == 1.0 for r in rows)
+    assert rows[1]["op_calls"] < rows[0]["op_calls"] and all(r["choices_as_scale_1"] == 1.0 for r in rows)
     assert all(r["median_s"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"][1]["op_calls"] == rows[1]["op_calls"]
     assert "| 1024 | 4 |" in capsys.readouterr().out
