@@ -676,6 +676,13 @@ def bench(
             "kernel launches for more transient memory (default 1: chunks sized for a CPU)."
         ),
     ] = 1,
+    fused_choice: Annotated[
+        bool,
+        typer.Option(
+            help="Triton backend: make the far-block choice on its two fused kernels (default) or, with "
+            "--no-fused-choice, in PyTorch chunks as the torch backend does."
+        ),
+    ] = True,
     out: Annotated[Path, typer.Option("--out", "-o", help="Writes bench.md, bench.json, bench.png here.")] = Path(
         "runs/bench"
     ),
@@ -710,6 +717,7 @@ def bench(
         max_call_s=max_call_s,
         profile=profile,
         score_budget_scale=score_budget_scale,
+        fused_choice=fused_choice,
         out=out,
     )
     from .bench.report import markdown

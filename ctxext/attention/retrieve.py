@@ -48,6 +48,7 @@ the choice even at ties; they compute the attention independently.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,40 @@ def retrievable_keys(valid: torch.Tensor, sinks: int) -> torch.Tensor:
     return ok
 
 
+class FarBlockKeys(NamedTuple):
+    """What the choice reads of the keys, per far block of ``m`` slots (``nb = ceil(L / m)``).
+
+    k_pad: ``(B, Hkv, nb * m, D)`` the keys padded to whole blocks; ok_pad: ``(B, nb * m)``
+    retrievable (False on the padding); kmax, kmin: ``(B, Hkv, nb * per, D)`` per-channel maximum
+    and minimum over each sub-block of ``grain`` slots (``per = m // grain``), 0 where the
+    sub-block holds no retrievable key; sub_keys: ``(B, nb * per)`` the sub-block holds one;
+    has_keys: ``(B, nb)`` the block holds one.
+    """
+
+    k_pad: torch.Tensor
+    ok_pad: torch.Tensor
+    kmax: torch.Tensor
+    kmin: torch.Tensor
+    sub_keys: torch.Tensor
+    has_keys: torch.Tensor
+
+
+def far_block_keys(ks: torch.Tensor, key_ok: torch.Tensor, m: int, grain: int) -> FarBlockKeys:
+    """Per-block key bounds of ``ks`` ``(B, Hkv, L, D)`` with ``key_ok`` ``(B, L)``: see :class:`FarBlockKeys`."""
+    b, hkv, length, d = ks.shape
+    nb, per = math.ceil(length / m), m // grain
+    pad = nb * m - length
+    k_pad, ok_pad = F.pad(ks, (0, 0, 0, pad)), F.pad(key_ok, (0, pad))  # (B, Hkv, nb * m, D), (B, nb * m)
+    kb, ok = k_pad.view(b, hkv, nb * per, grain, d), ok_pad.view(b, 1, nb * per, grain, 1)
+    big = torch.finfo(kb.dtype).max
+    kmax = kb.masked_fill(~ok, -big).amax(dim=-2)  # (B, Hkv, nb * per, D)
+    kmin = kb.masked_fill(~ok, big).amin(dim=-2)
+    sub_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb * per): sub-blocks holding a retrievable key
+    kmax, kmin = kmax.masked_fill(~sub_keys[:, None, :, None], 0), kmin.masked_fill(~sub_keys[:, None, :, None], 0)
+    has_keys = sub_keys.view(b, nb, per).any(dim=-1)  # (B, nb)
+    return FarBlockKeys(k_pad, ok_pad, kmax, kmin, sub_keys, has_keys)
+
+
 # The choice scores every far (sub-)block for every query: ``(B, Hq, Q, nb * m / s)`` bounds
 # (``s = opts.retrieval_score_block``). Queries are
 # scored in chunks so that this tensor stays below this many elements (32 MiB in float32), times
@@ -137,18 +172,12 @@ def far_block_index(
     (``SELECT_SCORE_BUDGET``): memory ``O(L)``.
     """
     b, hq, n_q, d = qs.shape
-    hkv, length = ks.shape[1], ks.shape[2]
+    hkv = ks.shape[1]
     m, grain = opts.retrieval_block, opts.retrieval_score_block
-    nb, per = math.ceil(length / m), m // grain  # far blocks, scored sub-blocks per block
-    pad = nb * m - length
-    k_pad, ok_pad = F.pad(ks, (0, 0, 0, pad)), F.pad(key_ok, (0, pad))  # (B, Hkv, nb * m, D), (B, nb * m)
-    kb, ok = k_pad.view(b, hkv, nb * per, grain, d), ok_pad.view(b, 1, nb * per, grain, 1)
-    big = torch.finfo(kb.dtype).max
-    kmax = kb.masked_fill(~ok, -big).amax(dim=-2)  # (B, Hkv, nb * per, D)
-    kmin = kb.masked_fill(~ok, big).amin(dim=-2)
-    sub_keys = ok.any(dim=-2)[:, 0, :, 0]  # (B, nb * per): sub-blocks holding a retrievable key
-    kmax, kmin = kmax.masked_fill(~sub_keys[:, None, :, None], 0), kmin.masked_fill(~sub_keys[:, None, :, None], 0)
-    has_keys = sub_keys.view(b, nb, per).any(dim=-1)  # (B, nb)
+    per = m // grain  # scored sub-blocks per block
+    keys = far_block_keys(ks, key_ok, m, grain)
+    k_pad, ok_pad, kmax, kmin, sub_keys = keys.k_pad, keys.ok_pad, keys.kmax, keys.kmin, keys.sub_keys
+    nb, has_keys = keys.has_keys.shape[1], keys.has_keys
     g = hq // hkv
     if q_slots is None:
         q_slots = torch.arange(n_q, device=qs.device)

@@ -18,7 +18,6 @@ import torch
 
 from .options import TensorizedOptions
 from .retrieve import (
-    far_block_index,
     local_range_start,
     ordered_frame_freq,
     retrievable_keys,
@@ -88,13 +87,16 @@ def retrieved_stream(
     softcap: float | None,
     inv_freq: torch.Tensor | None,
     fused: bool,
+    precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over its ``opts.retrieve`` chosen far blocks.
 
     q: ``(B, Hq, L, D)`` unscaled; k, v: ``(B, Hkv, L, D)``; valid ``(B, L)`` bool; positions
     ``(B, L)`` float; n: the inner block (it sets the local range). The choice is
-    :func:`far_block_index` (no gradient), as in the torch backend. fused: run the Triton
-    retrieval kernel (stacked frame only; the ordered frame always takes the PyTorch path).
+    :func:`far_block_index` (no gradient), as in the torch backend. fused: make the choice with
+    the fused kernels (:mod:`ctxext.attention.fused_choice`; precision: their ``tl.dot``'s for the
+    bound) and read the blocks with the Triton retrieval kernel (stacked frame only; the ordered
+    frame always takes the PyTorch path).
     Returns the output ``(B, Hq, L, D)`` and log-sum-exp ``(B, Hq, L)`` (``-inf``: chose nothing).
     """
     qs, ks = selection_frame(q, k, positions, opts, inv_freq, n)
@@ -102,9 +104,10 @@ def retrieved_stream(
     order = ordered_frame_freq(opts, inv_freq)
     m = opts.retrieval_block
     if fused and order is None:
+        from .fused_choice import choose
         from .triton_retrieve import ta_retrieve
 
-        index = far_block_index(qs, ks, key_ok, opts, n).to(torch.int32)
+        index = choose(qs, ks, key_ok, opts, n, precision)
         return ta_retrieve(qs, ks, v, index, key_ok, m, float(scale), float(softcap or 0.0))
     chosen = select_far_blocks(qs, ks, key_ok, opts, n)
     return retrieved_attention(qs * scale, ks, v, chosen, key_ok, m, softcap, order)

@@ -391,6 +391,8 @@ def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv
     Each hop is one ``ta_hop`` op (its own autograd); the side streams and the merges are PyTorch
     (retrieval on ``ctxext::ta_retrieve``), in the streams' float32. Returns ``(B, Hq, L, D)``.
     """
+    from ctxext._kernels.launch import dot_precision
+
     from .retrieve import merge_streams
     from .side_streams import block_start, local_range_start, retrieved_stream, sink_stream
 
@@ -416,7 +418,8 @@ def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv
             sinks_f = sink_stream(qa, *side, block_start(slots, n), opts, scale, cap, inv_freq)
             Fs, lse_F = merge_streams(Fs, lse_F, *sinks_f)
     if retrieve:
-        retrieved = retrieved_stream(qa, ka, va, ok, pos, opts, n, scale, cap, inv_freq, fused=True)
+        prec = dot_precision(q.dtype)
+        retrieved = retrieved_stream(qa, ka, va, ok, pos, opts, n, scale, cap, inv_freq, fused=True, precision=prec)
         C, lse_C = merge_streams(C, lse_C, *retrieved)
     streams = (C, lse_C, Fs, lse_F)
     for hop in plan[1:]:

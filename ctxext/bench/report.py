@@ -77,6 +77,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if result.get("score_budget_scale", 1) != 1:
         lines.append(f"Score chunks {result['score_budget_scale']}x the default (`--score-budget-scale`).")
+    if not result.get("fused_choice", True):
+        lines.append("Far-block choice of the Triton backend in PyTorch chunks (`--no-fused-choice`).")
     att = result["info"].get("attention")
     if att:
         s, bw = att["shapes"], att["bandwidth"]

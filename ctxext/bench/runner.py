@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..attention import score_budget
+from ..attention import fused_choice, score_budget
 from ..attention.options import TensorizedOptions
 from ..interrupt import Interrupted
 from .methods import (
@@ -106,6 +106,7 @@ class BenchSpec:
     max_call_s: float | None = None  # a method's longer lengths are skipped once one call exceeds it
     profile: bool = False  # one more call per cell under torch.profiler: <out>/profile/*.txt
     score_budget_scale: int = 1  # chunks of the no-grad score computations this many times larger
+    fused_choice: bool = True  # the Triton backend makes the far-block choice on its fused kernels
     out: Path = Path("runs/bench")
 
 
@@ -307,7 +308,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
         torch.set_num_threads(spec.threads)
     stopped = None
     try:
-        with score_budget.scaled(spec.score_budget_scale):
+        with score_budget.scaled(spec.score_budget_scale), fused_choice.switched(spec.fused_choice):
             for name in sections:
                 log(f"[{name}]")
                 cells += section_runner(name)(ctx)
@@ -337,6 +338,7 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] = print, command: str 
         ),
         "memory_method": memory_method(ctx.device),
         "score_budget_scale": spec.score_budget_scale,
+        "fused_choice": spec.fused_choice,
         "notes": ctx.notes,
         "info": ctx.info,
         "wall_s": time.perf_counter() - start,
@@ -356,8 +358,9 @@ def command_line(spec: BenchSpec) -> str:
     args = ["ctxext", "bench"]
     for name in (f.name for f in dataclasses.fields(BenchSpec) if f.name != "options"):
         value = getattr(spec, name)
-        if isinstance(value, bool):  # a flag
-            args += ["--" + name.replace("_", "-")] if value else []
+        if isinstance(value, bool):  # a flag (--x) or a --x/--no-x pair: only where it differs from the default
+            if value != getattr(default, name):
+                args.append(("--" if value else "--no-") + name.replace("_", "-"))
             continue
         if value is not None and (value != getattr(default, name) or name == "model"):
             args += ["--" + name.replace("_", "-"), str(value)]

@@ -27,7 +27,8 @@ DTYPES = {
 }
 
 # (dtype, head dim, block_sizes, N, causal, rope, merge, local[, more options]): realistic tiles,
-# every flag combination; the last two add sinks and retrieved far blocks (side streams)
+# every flag combination; the last three add sinks and retrieved far blocks (side streams), the last
+# with the two-stage choice (both fused choice kernels)
 CONFIGS = [
     (torch.bfloat16, 128, (64,), 200, "complete", "axis", "score", "block"),
     (torch.float16, 64, (32, 16), 700, "dominance", "absolute", "lse", "block"),
@@ -39,11 +40,14 @@ CONFIGS = [
     (torch.bfloat16, 64, (128,), 700, "complete", "axis", "lse", "window",
      dict(sinks=4, retrieve=8, retrieve_block=64, long_range=False)),
     (torch.float16, 128, (32,), 300, "complete", "absolute", "lse", "window", dict(sinks=4, retrieve=2, softcap=0)),
+    (torch.bfloat16, 128, (128,), 1100, "complete", "axis", "lse", "window",
+     dict(sinks=4, retrieve=8, retrieve_block=64, retrieve_candidates=32, long_range=False)),
 ]  # fmt: skip
 
 
 def capture_launches() -> list[tuple]:
     """Run forward + backward of every config with launches captured: [(jit fn, args, kwargs)]."""
+    from ctxext._kernels import choose as choose_kernels
     from ctxext._kernels import launch
     from ctxext._kernels import retrieve as retrieve_kernels
     from ctxext.attention.options import TensorizedOptions
@@ -52,16 +56,23 @@ def capture_launches() -> list[tuple]:
     captured = []
 
     class Capture:
-        def __init__(self, fn):
-            self.fn = fn
+        def __init__(self, fn, no_choice: bool = False):
+            self.fn, self.no_choice = fn, no_choice
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: captured.append((self.fn, args, kwargs))
+            def launch_(*args, **kwargs):
+                captured.append((self.fn, args, kwargs))
+                if self.no_choice:  # the choice kernels' output (argument IDX): "no block", not garbage
+                    args[4].fill_(-1)
+
+            return launch_
 
     for name in ("hop_fwd_kernel", "hop_dq_kernel", "hop_dkdv_kernel"):
         setattr(launch, name, Capture(getattr(launch, name)))
     for name in ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"):
         setattr(retrieve_kernels, name, Capture(getattr(retrieve_kernels, name)))
+    for name in ("choose_bound_kernel", "choose_exact_kernel"):
+        setattr(choose_kernels, name, Capture(getattr(choose_kernels, name), no_choice=True))
     for dtype, dim, block_sizes, n, causal, rope, merge, local, *more in CONFIGS:
         more = dict(more[0]) if more else {}
         softcap = more.pop("softcap", 30.0)
@@ -80,8 +91,8 @@ def capture_launches() -> list[tuple]:
     return captured
 
 
-def signature(fn, args, kwargs) -> tuple[dict, dict, int]:
-    """Triton signature and constexprs of one captured launch, and its num_warps."""
+def signature(fn, args, kwargs) -> tuple[dict, dict, dict]:
+    """Triton signature and constexprs of one captured launch, and its launch options (num_warps, num_stages)."""
     values = dict(zip([p.name for p in fn.params], args))
     values.update(kwargs)
     sig, constexprs = {}, {}
@@ -99,7 +110,7 @@ def signature(fn, args, kwargs) -> tuple[dict, dict, int]:
             sig[p.name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={value!r}")
-    return sig, constexprs, kwargs.get("num_warps", 4)
+    return sig, constexprs, {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
 
 
 def main(archs: list[int]) -> int:
@@ -110,7 +121,7 @@ def main(archs: list[int]) -> int:
     launches = capture_launches()
     failures, seen = 0, set()
     for fn, args, kwargs in launches:
-        sig, constexprs, warps = signature(fn, args, kwargs)
+        sig, constexprs, launch_options = signature(fn, args, kwargs)
         key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
         if key in seen:
             continue
@@ -121,7 +132,7 @@ def main(archs: list[int]) -> int:
                 compiled = triton_compile(
                     ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                     target=GPUTarget("cuda", arch, 32),
-                    options={"num_warps": warps},
+                    options={"num_warps": 4, **launch_options},
                 )
                 print(f"ok   sm_{arch} {fn.__name__} {flags} shared={compiled.metadata.shared}")
             except Exception as err:  # noqa: BLE001 - report every failure, then exit 1

@@ -364,3 +364,74 @@ def test_retrieve_custom_op_registration_passes_opcheck():
     args = (q, k, v, index, key_ok, 2, 0.5, 0.0)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(ta_retrieve, args, test_utils=checks)
+
+
+# The far-block choice on the fused kernels (ctxext/_kernels/choose.py) against the PyTorch choice.
+# name: (slots, (Hq, Hkv), head dim, options, holes in the keys, batch)
+CHOICE_CASES = {
+    "bound-alone-window-gqa": (70, (4, 2), 8, dict(block_sizes=(8,), retrieve=3, retrieve_block=4, local="window"),
+                               [], 1),
+    "two-stage-window-holes": (77, (2, 1), 12, dict(block_sizes=(8,), retrieve=2, retrieve_block=4, local="window",
+                                                   retrieve_candidates=6), [5, 6, 7, 8, 30], 1),
+    "two-stage-block-batch2": (61, (2, 2), 16, dict(block_sizes=(8,), retrieve=3, retrieve_block=8,
+                                                   retrieve_candidates=5), [40], 2),
+    "more-candidates-than-blocks": (40, (2, 1), 8, dict(block_sizes=(4,), retrieve=2, retrieve_block=4, local="window",
+                                                       retrieve_candidates=40), [], 1),
+    "more-choices-than-blocks": (20, (2, 1), 8, dict(block_sizes=(4,), retrieve=8, retrieve_block=2), [], 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CHOICE_CASES))
+def test_fused_choice_makes_the_torch_choice(name):
+    """Same blocks per query as ``far_block_index`` (float32, no ties by construction), ``-1`` where it has none."""
+    from ctxext.attention import fused_choice
+    from ctxext.attention.retrieve import far_block_index, retrievable_keys
+
+    n_slots, (hq, hkv), dim, opts, holes, batch = CHOICE_CASES[name]
+    o = oc.options(sinks=2, **opts)
+    q, k, _ = oc.make_qkv(batch=batch, hq=hq, hkv=hkv, n=n_slots, dim=dim, seed=23, dtype=torch.float32)
+    valid = torch.ones(batch, n_slots, dtype=torch.bool)
+    valid[0, holes] = False
+    key_ok = retrievable_keys(valid, o.sinks)
+    assert fused_choice.unsupported_reason(o, q.dtype, q.device) is None
+    got = fused_choice.choose(q, k, key_ok, o, o.block_sizes[-1], "ieee")
+    want = far_block_index(q, k, key_ok, o, o.block_sizes[-1]).to(torch.int32)
+    assert got.shape == want.shape and got.dtype == torch.int32
+    assert (want >= 0).any() and (want < 0).any()  # some queries choose, the first ones cannot
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values), name
+
+
+def test_fused_choice_prefers_the_lower_block_at_a_tie():
+    """Two far blocks with the same keys score the same: the fused choice takes the earlier one."""
+    from ctxext.attention import fused_choice
+    from ctxext.attention.retrieve import retrievable_keys
+
+    o = oc.options((4,), retrieve=1, retrieve_block=4, retrieve_candidates=2, local="window")
+    q, k, _ = oc.make_qkv(batch=1, hq=1, hkv=1, n=32, dim=8, seed=29, dtype=torch.float32)
+    k[:, :, 4:8] *= 3.0  # block 1 scaled up, so that it beats the other blocks for many queries ...
+    k[:, :, 12:16] = k[:, :, 4:8]  # ... and block 3 holds the same keys
+    got = fused_choice.choose(q, k, retrievable_keys(torch.ones(1, 32, dtype=torch.bool), 0), o, 4, "ieee")
+    assert not (got == 3).any() and (got[0, 0, 24:, 0] == 1).sum() >= 4  # queries that see both take block 1
+
+
+def test_triton_backend_float32_with_the_fused_choice_matches_torch_backend():
+    """The shipped shape (sinks, window, two-stage choice, axis frame) with padding: float32 through the fused choice."""
+    from ctxext.attention import fused_choice
+
+    n = 53
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=n, dim=8, seed=31, dtype=torch.float32)
+    mask, pos = oc.left_padding([n, n - 7], n)
+    opts = dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, retrieve_candidates=5,
+                rope="axis")  # fmt: skip
+    kw = dict(padding_mask=mask, position_ids=pos)
+    calls = []
+    real = fused_choice.choose
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_choice, "choose", lambda *a: calls.append(a[0].dtype) or real(*a))
+        got = oc.run_api("triton", q, k, v, (4,), opts, **kw)
+    assert calls == [torch.float32]  # and it ran the kernels, not the fallback:
+    assert fused_choice.unsupported_reason(oc.options((4,), **opts), torch.float32, q.device) is None
+    want = oc.run_api("torch", q, k, v, (4,), opts, **kw)
+    oc.assert_close(got, want, 2e-5, "fused choice, float32")
+    with fused_choice.switched(False):
+        oc.assert_close(oc.run_api("triton", q, k, v, (4,), opts, **kw), got, 2e-5, "PyTorch choice on the kernels")

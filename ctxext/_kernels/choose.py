@@ -1,0 +1,190 @@
+"""The far-block choice (``retrieve=k``) in two fused kernels: the bound proposes, the exact score picks.
+
+The PyTorch choice (:func:`ctxext.attention.retrieve.far_block_index`) scores queries in chunks
+sized for a CPU's memory, a dozen operator calls each: at 131,072 tokens with 32 query heads,
+about 2,000 chunks per layer, each a round of kernel launches on a GPU (docs/RESULTS.md, round
+18). Here the same choice is two launches:
+
+* ``choose_bound_kernel``: one program per (tile of ``BLOCK_Q`` queries, batch x query head).
+  It walks the far blocks in tiles of ``CP`` (a power of two), scores each tile with two
+  ``tl.dot`` (``max(q, 0) . kmax + min(q, 0) . kmin``: the bound on ``q . k`` over the block's
+  keys) and keeps each query's ``CP`` best blocks in registers: the running best and the new
+  tile are joined and sorted (``tl.sort``), the upper half kept. Only blocks before the tile's
+  last local range are visited (causal: about half of them).
+* ``choose_exact_kernel``: one program per query. It reads the keys of its candidates (blocks
+  of ``M`` slots), takes the exact ``max q . k`` over each candidate's retrievable keys, sorts
+  them and keeps the ``TOP`` best.
+
+A score and its block number travel as one int64 (:func:`_pack`): the float32 score's bits made
+order-preserving in the high half, ``2**31 - 1 - block`` in the low half, so one integer sort
+orders by score and, at equal scores, prefers the lower block. ``-inf`` marks an ineligible or
+empty entry; the output's block number is then ``-1``, as in the PyTorch choice.
+
+Inputs are contiguous float32 (the Triton backend's accumulation dtype): queries
+``(B, HQ, L, D)``, per-block key maxima and minima ``(B, HKV, NB, D)`` (0 for a block without a
+retrievable key), ``HAS`` ``(B, NB)`` uint8 (the block holds a retrievable key), keys
+``(B, HKV, L, D)`` and ``KOK`` ``(B, L)`` uint8 (retrievable keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting
+
+@triton.jit
+def _pack(score, block):
+    """``score`` (float32) and ``block`` (int32, -1 allowed) as one int64 ordered by score, then lower block."""
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving as a signed int32
+    return (key.to(tl.int64) << 32) | (0x7FFFFFFF - block.to(tl.int64))
+
+
+@triton.jit
+def _unpack(packed):
+    """(score float32, block int32) of :func:`_pack`'s integers."""
+    key = (packed >> 32).to(tl.int32)
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)
+    block = (0x7FFFFFFF - (packed & 0xFFFFFFFF)).to(tl.int32)
+    return bits.to(tl.float32, bitcast=True), block
+
+
+@triton.jit
+def choose_bound_kernel(
+    Q, KMAX, KMIN, HAS, IDX,
+    L, D, HQ, G, NB, M, N, C_OUT,
+    WINDOW: tl.constexpr, PREC: tl.constexpr, CP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // HQ
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    q_in, d_ok = offs_q < L, offs_d < D
+    q_rows = bh.to(tl.int64) * L + offs_q
+    q = tl.load(Q + q_rows[:, None] * D + offs_d[None, :], mask=q_in[:, None] & d_ok[None, :], other=0.0)
+    q_pos, q_neg = tl.maximum(q, 0.0), tl.minimum(q, 0.0)
+    start = (offs_q // N) * N  # (BLOCK_Q,) first slot of each query's local range
+    if WINDOW:
+        start = tl.maximum(start - N, 0)
+    start = tl.where(q_in, start, 0)
+    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * NB
+    best = _pack(tl.full([BLOCK_Q, CP], float("-inf"), tl.float32), tl.full([BLOCK_Q, CP], -1, tl.int32))
+    far = tl.max(start, 0) // M  # blocks 0 .. far-1 end before some query's local range
+    for first in range(0, far, CP):
+        blk = first + offs_c  # (CP,)
+        in_nb = blk < NB
+        tile_ok = in_nb[:, None] & d_ok[None, :]
+        rows = (kv_base + blk)[:, None] * D + offs_d[None, :]
+        kmax = tl.load(KMAX + rows, mask=tile_ok, other=0.0)
+        kmin = tl.load(KMIN + rows, mask=tile_ok, other=0.0)
+        has = tl.load(HAS + b * NB + blk, mask=in_nb, other=0) != 0
+        bound = tl.dot(q_pos, tl.trans(kmax), input_precision=PREC)
+        bound += tl.dot(q_neg, tl.trans(kmin), input_precision=PREC)  # (BLOCK_Q, CP)
+        eligible = ((blk[None, :] + 1) * M <= start[:, None]) & has[None, :]
+        tile = _pack(tl.where(eligible, bound, float("-inf")), tl.where(eligible, blk[None, :], -1))
+        both = tl.sort(tl.reshape(tl.join(best, tile), [BLOCK_Q, 2 * CP]), descending=True)
+        best, _ = tl.split(tl.permute(tl.reshape(both, [BLOCK_Q, 2, CP]), [0, 2, 1]))  # the upper half
+    score, block = _unpack(best)
+    block = tl.where(score > float("-inf"), block, -1)
+    out_ok = q_in[:, None] & (offs_c < C_OUT)[None, :]
+    tl.store(IDX + q_rows[:, None] * C_OUT + offs_c[None, :], block, mask=out_ok)
+
+
+@triton.jit
+def choose_exact_kernel(
+    Q, K, KOK, CAND, IDX,
+    L, D, HQ, G, M, C, TOP,
+    CP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // HQ
+    q_row = bh.to(tl.int64) * L + tl.program_id(0)
+    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, CP)
+    d_ok = offs_d < D
+    q = tl.load(Q + q_row * D + offs_d, mask=d_ok, other=0.0)
+    exact = tl.full([CP], float("-inf"), tl.float32)
+    for j in range(C):
+        blk = tl.load(CAND + q_row * C + j)  # -1: no candidate
+        slots = blk * M + offs_m
+        ok = (offs_m < M) & (slots >= 0) & (slots < L)  # slots >= 0 iff blk >= 0
+        ok = ok & (tl.load(KOK + b * L + slots, mask=ok, other=0) != 0)
+        k = tl.load(K + (kv_base + slots).to(tl.int64)[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                    other=0.0)  # fmt: skip
+        best_key = tl.max(tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf")), 0)
+        exact = tl.where(offs_c == j, best_key, exact)
+    cand = tl.load(CAND + q_row * C + offs_c, mask=offs_c < C, other=-1)
+    score, block = _unpack(tl.sort(_pack(exact, cand), descending=True))
+    tl.store(IDX + q_row * TOP + offs_c, tl.where(score > float("-inf"), block, -1), mask=offs_c < TOP)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def bound_tiles(block_d: int, width: int) -> tuple[int, int]:
+    """(BLOCK_Q, num_stages) of the bound kernel for head-dim tile ``block_d`` and ``width`` (CP) candidates.
+
+    Shared memory grows with all three (the q tiles, the pipelined key-bound tiles, the sort's
+    layout changes); these keep it at or below 104 KiB on sm_80 and sm_90 for every head dim up
+    to 256 and up to 64 candidates (compiled without a GPU, ``tests/kernels/gpu_compile.py``). Untuned.
+    """
+    if interpreting():  # the interpreter's cost is per element: the smallest legal tile
+        return 16, 1
+    block_q = 32 if block_d <= 128 else 16
+    return block_q, 2 if width <= 32 else 1
+
+
+def choose_far_blocks(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    key_ok: torch.Tensor,
+    kmax: torch.Tensor,
+    kmin: torch.Tensor,
+    has_keys: torch.Tensor,
+    m: int,
+    n: int,
+    window: bool,
+    top: int,
+    candidates: int,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """Each query's ``top`` far blocks: ``(B, HQ, L, top)`` int32 block numbers, best first, ``-1`` for none.
+
+    qs: ``(B, HQ, L, D)`` and ks: ``(B, HKV, L, D)`` float32 in the selection frame; key_ok:
+    ``(B, L)`` bool; kmax, kmin: ``(B, HKV, NB, D)`` float32 per far block of ``m`` slots;
+    has_keys: ``(B, NB)`` bool; n, window: the local range (inner block, ``local="window"``);
+    candidates: how many blocks the bound proposes (``<= top``: the bound chooses alone, else the
+    exact ``max q . k`` picks ``top`` of them); precision: ``tl.dot``'s for the bound.
+    """
+    b, hq, length, d = qs.shape
+    nb = kmax.shape[2]
+    qs, ks, kmax, kmin = (x.contiguous() for x in (qs, ks, kmax, kmin))
+    proposed = min(max(candidates, top), nb)
+    two_stage = proposed > top
+    width = max(16, triton.next_power_of_2(proposed))  # CP: the running best per query
+    block_d = max(16, triton.next_power_of_2(d))
+    small = interpreting()
+    block_q, stages = bound_tiles(block_d, width)
+    index = torch.empty(b, hq, length, proposed, device=qs.device, dtype=torch.int32)
+    choose_bound_kernel[(triton.cdiv(length, block_q), b * hq)](
+        qs, kmax, kmin, has_keys.contiguous().view(torch.uint8), index,
+        length, d, hq, hq // ks.shape[1], nb, m, n, proposed,
+        WINDOW=window, PREC=precision, CP=width, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=1 if small else 4,
+        num_stages=stages,
+    )  # fmt: skip
+    if not two_stage:
+        return index
+    picked = torch.empty(b, hq, length, top, device=qs.device, dtype=torch.int32)
+    choose_exact_kernel[(length, b * hq)](
+        qs, ks, key_ok.contiguous().view(torch.uint8), index, picked,
+        length, d, hq, hq // ks.shape[1], m, proposed, top,
+        CP=width, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_D=block_d, num_warps=1 if small else 4,
+    )  # fmt: skip
+    return picked

@@ -1,0 +1,75 @@
+"""The Triton backend's far-block choice: :func:`ctxext.attention.retrieve.far_block_index` in two launches.
+
+The PyTorch choice scores queries in memory-bounded chunks, each a dozen or so operator calls
+(at 131,072 tokens and 32 query heads, about 2,000 chunks a layer); the fused kernels
+(``ctxext/_kernels/choose.py``) make the same choice in two launches after a few operator calls
+for the per-block key bounds. Same blocks as the PyTorch choice up to rounding of the scores
+(tested against it in the interpreter, ``tests/kernels``); a choice with ties may differ in which
+of the tied blocks it takes.
+
+:data:`ENABLED` switches it (``ctxext bench --choice``); settings it does not cover
+(:func:`unsupported_reason`) take the PyTorch choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .options import TensorizedOptions
+from .retrieve import far_block_index, far_block_keys
+
+ENABLED = True
+
+MAX_CANDIDATES = 64  # the bound kernel keeps each query's candidates in registers (and shared memory)
+
+
+def unsupported_reason(opts: TensorizedOptions, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the fused choice cannot serve these settings (None: it can)."""
+    if not ENABLED:
+        return "switched off (fused_choice.ENABLED)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return f"the fused kernels run on CUDA or in Triton's interpreter (TRITON_INTERPRET=1), not on {device.type}"
+    if dtype != torch.float32:
+        return f"the fused choice scores in float32, got {dtype}"
+    if opts.retrieval_score_block != opts.retrieval_block:
+        return "retrieve_score_block below the block is scored by the PyTorch choice"
+    if max(opts.retrieve, opts.retrieve_candidates) > MAX_CANDIDATES:
+        return f"more than {MAX_CANDIDATES} candidates"
+    return None
+
+
+def choose(
+    qs: torch.Tensor, ks: torch.Tensor, key_ok: torch.Tensor, opts: TensorizedOptions, n: int, precision: str
+) -> torch.Tensor:
+    """``(B, Hq, L, top)`` int32 block numbers (``-1``: none), as ``far_block_index(...).to(int32)``.
+
+    qs: ``(B, Hq, L, D)``, ks: ``(B, Hkv, L, D)`` in the selection frame; key_ok: ``(B, L)``;
+    n: the inner block; precision: ``tl.dot``'s for the bound (``launch.dot_precision`` of the
+    model's dtype). Takes the PyTorch choice where :func:`unsupported_reason` says so.
+    """
+    if unsupported_reason(opts, qs.dtype, qs.device) is not None:
+        return far_block_index(qs, ks, key_ok, opts, n).to(torch.int32)
+    from ctxext._kernels.choose import choose_far_blocks
+
+    m = opts.retrieval_block
+    with torch.no_grad():
+        keys = far_block_keys(ks, key_ok, m, m)
+        return choose_far_blocks(
+            qs, ks, key_ok, keys.kmax, keys.kmin, keys.has_keys, m, n, opts.local == "window",
+            min(opts.retrieve, keys.has_keys.shape[1]), opts.retrieve_candidates, precision,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def switched(enabled: bool) -> Iterator[None]:
+    """Run a block with :data:`ENABLED` = ``enabled``, restored afterwards."""
+    global ENABLED
+    old, ENABLED = ENABLED, bool(enabled)
+    try:
+        yield
+    finally:
+        ENABLED = old
