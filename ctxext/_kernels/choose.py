@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .launch import interpreting
 
+
 @triton.jit
 def _pack(score, block):
     """``score`` (float32) and ``block`` (int32, -1 allowed) as one int64 ordered by score, then lower block."""

@@ -415,7 +415,7 @@ def test_fused_choice_prefers_the_lower_block_at_a_tie():
 
 
 def test_triton_backend_float32_with_the_fused_choice_matches_torch_backend():
-    """The shipped shape (sinks, window, two-stage choice, axis frame) with padding: float32 through the fused choice."""
+    """The shipped shape (sinks, window, two-stage choice, axis frame), padded: float32 through the fused choice."""
     from ctxext.attention import fused_choice
 
     n = 53
