@@ -11,20 +11,29 @@ counter: about the kernels a GPU launches) and times it (median of ``--repeats``
 interleaved so that a noisy machine hits them alike) with the chunks ``--scales`` times larger
 (``ctxext.attention.score_budget.SCALE``). Shapes: Llama-3.1-8B's attention (32 query heads, 8
 key heads, head dim 128), batch 1; float32 on a CPU, bfloat16 on CUDA.
+
+``--fused`` adds a row per length for the Triton backend's fused choice
+(:mod:`ctxext.attention.fused_choice`: its operator calls plus its Triton launches, on the
+float32 queries and keys the backend passes it, ``tl.dot`` in tf32 as for a bfloat16 model). On
+CUDA it is timed with the others; without CUDA its launches are counted, not run (the kernels run
+on a CPU only in Triton's interpreter, whose time means nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ctxext.attention import retrieve, score_budget
+from ctxext.attention import fused_choice, retrieve, score_budget
 from ctxext.attention.options import TensorizedOptions
 from ctxext.bench.runner import parse_lengths
 
@@ -48,8 +57,67 @@ def choose(q, k, ok, opts) -> torch.Tensor:
     return index
 
 
-def measure(length: int, scales: list[int], repeats: int, device: torch.device, heads=(32, 8, 128)) -> list[dict]:
-    """One row per scale: operator calls, median seconds, and the share of choices equal to scale 1's."""
+def choose_fused(q, k, ok, opts) -> torch.Tensor:
+    """The fused choice as the Triton backend calls it: float32 queries and keys, tf32 bound."""
+    index = fused_choice.choose(q.float(), k.float(), ok, opts, 128, "tf32")
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    return index
+
+
+@contextlib.contextmanager
+def counted_launches(run: bool):
+    """Counts the fused choice's kernel launches (``[n]``); run=False: counted, not run (output: no block)."""
+    from ctxext._kernels import choose as kernels
+
+    launches = [0]
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches[0] += 1
+                if run:
+                    return self.kernel[grid](*args, **kwargs)
+                args[4].fill_(-1)  # IDX, the output of both kernels
+
+            return launch
+
+    real = {name: getattr(kernels, name) for name in ("choose_bound_kernel", "choose_exact_kernel")}
+    try:
+        for name, kernel in real.items():
+            setattr(kernels, name, Counted(kernel))
+        yield launches
+    finally:
+        for name, kernel in real.items():
+            setattr(kernels, name, kernel)
+
+
+def fused_row(length: int, q, k, ok, opts, reference: torch.Tensor, repeats: int) -> dict:
+    """Operator calls + launches of the fused choice; on CUDA also its time and its agreement with scale 1."""
+    run = q.is_cuda
+    # without CUDA the fused choice takes its kernel path only in the interpreter's mode; launches are not run
+    mode = contextlib.nullcontext() if run else unittest.mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"})
+    with mode, counted_launches(run) as launches, OpCounter() as counter:
+        index = choose_fused(q, k, ok, opts)
+    row = {"n": length, "scale": "fused", "op_calls": counter.calls, "launches": launches[0], "seconds": []}
+    if run:  # the same blocks per query (order aside), but for rounding
+        same = index.long().sort(-1).values == reference.sort(-1).values
+        row["choices_as_scale_1"] = same.all(-1).float().mean().item()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            choose_fused(q, k, ok, opts)
+            row["seconds"].append(time.perf_counter() - start)
+    return row
+
+
+def measure(
+    length: int, scales: list[int], repeats: int, device: torch.device, heads=(32, 8, 128), fused: bool = False
+) -> list[dict]:
+    """One row per scale (and with ``fused`` one for the fused choice): operator calls, median seconds,
+    and the share of choices equal to scale 1's."""
     hq, hkv, d = heads
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     opts = TensorizedOptions(
@@ -74,9 +142,12 @@ def measure(length: int, scales: list[int], repeats: int, device: torch.device, 
                 start = time.perf_counter()
                 choose(q, k, ok, opts)
                 rows[scale]["seconds"].append(time.perf_counter() - start)
-    for row in rows.values():
-        row["median_s"] = statistics.median(row["seconds"])
-    return list(rows.values())
+    out = list(rows.values())
+    if fused:
+        out.append(fused_row(length, q, k, ok, opts, reference, repeats))
+    for row in out:
+        row["median_s"] = statistics.median(row["seconds"]) if row["seconds"] else None
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -86,20 +157,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per scale (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads")
+    parser.add_argument("--fused", action="store_true", help="add the Triton backend's fused choice (see above)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     scales = [int(s) for s in args.scales.split(",")]
     out = []
-    print("| N | scale | operator calls | median s | vs scale 1 | choices as at scale 1 |")
+    print("| N | scale | operator calls (+ Triton launches) | median s | vs scale 1 | choices as at scale 1 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for length in parse_lengths(args.lengths):
-        rows = measure(length, scales, args.repeats, torch.device(args.device))
+        rows = measure(length, scales, args.repeats, torch.device(args.device), fused=args.fused)
         for row in rows:
-            ratio = rows[0]["median_s"] / row["median_s"]
-            print(f"| {length} | {row['scale']} | {row['op_calls']:,} | {row['median_s']:.3f} | {ratio:.2f}x | "
-                  f"{row['choices_as_scale_1']:.2%} |", flush=True)  # fmt: skip
+            calls = f"{row['op_calls']:,}" + (f" + {row['launches']}" if "launches" in row else "")
+            timed = row["median_s"] is not None
+            median = f"{row['median_s']:.3f}" if timed else "not run"
+            ratio = f"{rows[0]['median_s'] / row['median_s']:.2f}x" if timed else "-"
+            same = f"{row['choices_as_scale_1']:.2%}" if "choices_as_scale_1" in row else "-"
+            print(f"| {length} | {row['scale']} | {calls} | {median} | {ratio} | {same} |", flush=True)
         out += rows
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

