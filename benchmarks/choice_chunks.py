@@ -31,23 +31,11 @@ import unittest.mock
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctxext.attention import fused_choice, retrieve, score_budget
 from ctxext.attention.options import TensorizedOptions
+from ctxext.bench.launches import OpCounter, counted_launches
 from ctxext.bench.runner import parse_lengths
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operator calls made inside it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def choose(q, k, ok, opts) -> torch.Tensor:
@@ -65,36 +53,6 @@ def choose_fused(q, k, ok, opts) -> torch.Tensor:
     return index
 
 
-@contextlib.contextmanager
-def counted_launches(run: bool):
-    """Counts the fused choice's kernel launches (``[n]``); run=False: counted, not run (output: no block)."""
-    from ctxext._kernels import choose as kernels
-
-    launches = [0]
-
-    class Counted:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches[0] += 1
-                if run:
-                    return self.kernel[grid](*args, **kwargs)
-                args[4].fill_(-1)  # IDX, the output of both kernels
-
-            return launch
-
-    real = {name: getattr(kernels, name) for name in ("choose_bound_kernel", "choose_exact_kernel")}
-    try:
-        for name, kernel in real.items():
-            setattr(kernels, name, Counted(kernel))
-        yield launches
-    finally:
-        for name, kernel in real.items():
-            setattr(kernels, name, kernel)
-
-
 def fused_row(length: int, q, k, ok, opts, reference: torch.Tensor, repeats: int) -> dict:
     """Operator calls + launches of the fused choice; on CUDA also its time and its agreement with scale 1."""
     run = q.is_cuda
@@ -102,7 +60,7 @@ def fused_row(length: int, q, k, ok, opts, reference: torch.Tensor, repeats: int
     mode = contextlib.nullcontext() if run else unittest.mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"})
     with mode, counted_launches(run) as launches, OpCounter() as counter:
         index = choose_fused(q, k, ok, opts)
-    row = {"n": length, "scale": "fused", "op_calls": counter.calls, "launches": launches[0], "seconds": []}
+    row = {"n": length, "scale": "fused", "op_calls": counter.calls, "launches": sum(launches.values()), "seconds": []}
     if run:  # the same blocks per query (order aside), but for rounding
         same = index.long().sort(-1).values == reference.sort(-1).values
         row["choices_as_scale_1"] = same.all(-1).float().mean().item()

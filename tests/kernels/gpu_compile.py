@@ -47,48 +47,34 @@ CONFIGS = [
 
 def capture_launches() -> list[tuple]:
     """Run forward + backward of every config with launches captured: [(jit fn, args, kwargs)]."""
-    from ctxext._kernels import choose as choose_kernels
-    from ctxext._kernels import launch
-    from ctxext._kernels import retrieve as retrieve_kernels
+    from ctxext.bench.launches import counted_launches
+
+    captured = []
+    with counted_launches(run=False, on_launch=lambda fn, args, kwargs: captured.append((fn, args, kwargs))):
+        for config in CONFIGS:
+            run_config(*config)
+    return captured
+
+
+def run_config(dtype, dim, block_sizes, n, causal, rope, merge, local, *more) -> None:
+    """Forward and backward of one entry of :data:`CONFIGS` on CPU tensors (the caller captures the launches)."""
     from ctxext.attention.options import TensorizedOptions
     from ctxext.attention.triton_backend import triton_tensorized_attention
 
-    captured = []
-
-    class Capture:
-        def __init__(self, fn, no_choice: bool = False):
-            self.fn, self.no_choice = fn, no_choice
-
-        def __getitem__(self, grid):
-            def launch_(*args, **kwargs):
-                captured.append((self.fn, args, kwargs))
-                if self.no_choice:  # the choice kernels' output (argument IDX): "no block", not garbage
-                    args[4].fill_(-1)
-
-            return launch_
-
-    for name in ("hop_fwd_kernel", "hop_dq_kernel", "hop_dkdv_kernel"):
-        setattr(launch, name, Capture(getattr(launch, name)))
-    for name in ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"):
-        setattr(retrieve_kernels, name, Capture(getattr(retrieve_kernels, name)))
-    for name in ("choose_bound_kernel", "choose_exact_kernel"):
-        setattr(choose_kernels, name, Capture(getattr(choose_kernels, name), no_choice=True))
-    for dtype, dim, block_sizes, n, causal, rope, merge, local, *more in CONFIGS:
-        more = dict(more[0]) if more else {}
-        softcap = more.pop("softcap", 30.0)
-        q = torch.randn(1, 4, n, dim, dtype=dtype, requires_grad=True)
-        k = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
-        v = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
-        opts = TensorizedOptions(block_sizes=block_sizes, causal=causal, rope=rope, merge=merge, local=local, **more)
-        opts = opts.validate()
-        valid = torch.ones(1, n, dtype=torch.bool)
-        valid[0, -3:] = False
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, dim - dim % 32, 2) / dim) if rope == "axis" else None
-        out = triton_tensorized_attention(
-            q, k, v, opts, valid=valid, inv_freq=inv_freq, positions=torch.arange(n)[None] + 3, softcap=softcap
-        )
-        out.float().sum().backward()
-    return captured
+    more = dict(more[0]) if more else {}
+    softcap = more.pop("softcap", 30.0)
+    q = torch.randn(1, 4, n, dim, dtype=dtype, requires_grad=True)
+    k = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
+    v = torch.randn(1, 2, n, dim, dtype=dtype, requires_grad=True)
+    opts = TensorizedOptions(block_sizes=block_sizes, causal=causal, rope=rope, merge=merge, local=local, **more)
+    opts = opts.validate()
+    valid = torch.ones(1, n, dtype=torch.bool)
+    valid[0, -3:] = False
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim - dim % 32, 2) / dim) if rope == "axis" else None
+    out = triton_tensorized_attention(
+        q, k, v, opts, valid=valid, inv_freq=inv_freq, positions=torch.arange(n)[None] + 3, softcap=softcap
+    )
+    out.float().sum().backward()
 
 
 def signature(fn, args, kwargs) -> tuple[dict, dict, dict]:

@@ -1,0 +1,80 @@
+"""Counting what a call asks of a GPU: ATen operator calls and the project's Triton kernel launches.
+
+On a GPU every operator call and every kernel launch costs some microseconds whatever its size,
+so at long lengths a chain of many small calls can set the time (docs/RESULTS.md: the shipped
+attention ran 740x-3,500x above its bandwidth floor on an H200). These counts are exact on any
+machine: :class:`OpCounter` sees every ATen call made inside it (about the kernels a GPU would
+launch for them), :func:`counted_launches` every launch of the kernels in ``ctxext._kernels``,
+optionally without running them (a CPU has no GPU to run them on, and the interpreter's cost
+means nothing), in which case each launch's block-index output is set to "no block" so that the
+rest of the call goes on with a well-formed (empty) choice.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# module -> its kernels, as the launchers look them up (module globals, so they can be swapped)
+KERNELS = {
+    "ctxext._kernels.launch": ("hop_fwd_kernel", "hop_dq_kernel", "hop_dkdv_kernel"),
+    "ctxext._kernels.retrieve": ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"),
+    "ctxext._kernels.choose": ("choose_bound_kernel", "choose_exact_kernel"),
+}
+BLOCK_INDEX_ARG = {"choose_bound_kernel": 4, "choose_exact_kernel": 4}  # the position of output IDX
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operator calls made inside it (``calls``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counted_launches(run: bool, on_launch: Callable | None = None) -> Iterator[collections.Counter]:
+    """Count the launches of every kernel in :data:`KERNELS` (a Counter by kernel name) inside the block.
+
+    run: launch them for real; False: count only (a kernel's outputs stay as allocated, but the
+    choice kernels' block index is filled with -1). on_launch: called with ``(kernel, args,
+    kwargs)`` for every launch (``tests/kernels/gpu_compile.py`` compiles them).
+    """
+    counts: collections.Counter = collections.Counter()
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counts[self.name] += 1
+                if on_launch is not None:
+                    on_launch(self.kernel, args, kwargs)
+                if run:
+                    return self.kernel[grid](*args, **kwargs)
+                if self.name in BLOCK_INDEX_ARG:
+                    args[BLOCK_INDEX_ARG[self.name]].fill_(-1)
+                return None
+
+            return launch
+
+    swapped = []
+    try:
+        for module_name, names in KERNELS.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                swapped.append((module, name, getattr(module, name)))
+                setattr(module, name, Counted(name, getattr(module, name)))
+        yield counts
+    finally:
+        for module, name, kernel in swapped:
+            setattr(module, name, kernel)
