@@ -136,3 +136,22 @@ def test_two_stage_choice_of_the_shipped_recipes_bf16():
     """``retrieve_candidates: 32`` (the default since round 15) where the choice has two stages:
     at 4,097 slots there are 64 far blocks of 64, so the bound's 32 candidates are a real cut."""
     assert_within_twice_torch(torch.bfloat16, (128,), 4097, 64, dict(SHIPPED, retrieve_candidates=32), softcap=30.0)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fused_choice_makes_the_torch_choice_on_cuda(precision):
+    """The fused far-block choice (``ctxext/_kernels/choose.py``) at Llama-3.1-8B's attention shape, 8,191 slots
+    (128 far blocks of 64, 32 candidates, 8 chosen): the PyTorch choice's blocks but for near-ties (scores summed
+    in another order), in float32 (``ieee``) and with the bound in tf32 (as for a bfloat16 model)."""
+    from ctxext.attention import fused_choice
+    from ctxext.attention.retrieve import far_block_index, retrievable_keys
+
+    n = 8191
+    q, k, _ = qkv(n, 128, torch.float32, hq=32, hkv=8, batch=1, seed=5)
+    opts = oc.options((128,), **dict(SHIPPED, retrieve_candidates=32))
+    key_ok = retrievable_keys(torch.ones(1, n, dtype=torch.bool, device=CUDA), opts.sinks)
+    assert fused_choice.unsupported_reason(opts, q.dtype, q.device) is None
+    got = fused_choice.choose(q, k, key_ok, opts, 128, precision).long().sort(-1).values
+    want = far_block_index(q, k, key_ok, opts, 128).sort(-1).values
+    same = (got == want).all(-1).float().mean().item()
+    assert same > (0.999 if precision == "ieee" else 0.99), f"{same:.4%} of the queries chose the same blocks"
