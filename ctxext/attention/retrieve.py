@@ -42,7 +42,9 @@ keeps perplexity). Far blocks are the blocks of ``m`` slots that end before the 
 range starts; in the axis frame their slots sit at ``o - m`` (stacked) or ``o - (r + 1) m``.
 
 Both the reference and the torch backend call :func:`select_far_blocks`, so they agree on
-the choice even at ties; they compute the attention independently.
+the choice even at ties; they compute the attention independently. The Triton backend makes the
+same choice on two fused kernels (:mod:`ctxext.attention.fused_choice`), the same blocks up to
+rounding of the scores and the order of ties.
 """
 
 from __future__ import annotations
