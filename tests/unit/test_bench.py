@@ -27,6 +27,15 @@ def invoke(*args):
     return result, " ".join(text.split())
 
 
+def invoke_retrieval_attention(out, *flags):
+    """``ctxext bench`` on a tiny model's attention at 96 tokens with far-block retrieval, one timed call."""
+    return invoke(
+        "--model", "tiny-random:llama", "--lengths", "96", "--what", "attention", "--device", "cpu",
+        "--block-sizes", "16", "--sinks", "4", "--local", "window", "--no-long-range", "--retrieve", "2",
+        "--retrieve-block", "8", *flags, "--threads", "1", "--repeats", "1", "--out", out,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

@@ -13,7 +13,7 @@ from ctxext.attention import fused_choice, retrieve, score_budget
 from ctxext.attention.options import TensorizedOptions
 
 from .far_block_brute_force import OPTS, case
-from .test_bench import invoke
+from .test_bench import invoke_retrieval_attention
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object only: nothing is allocated there
 
@@ -60,11 +60,7 @@ def test_bench_applies_and_records_no_fused_choice(tmp_path, monkeypatch):
     seen = []
     budget = score_budget.budget
     monkeypatch.setattr(score_budget, "budget", lambda base: seen.append(fused_choice.ENABLED) or budget(base))
-    result, text = invoke(
-        "--model", "tiny-random:llama", "--lengths", "96", "--what", "attention", "--device", "cpu",
-        "--block-sizes", "16", "--sinks", "4", "--local", "window", "--no-long-range", "--retrieve", "2",
-        "--retrieve-block", "8", "--no-fused-choice", "--threads", "1", "--repeats", "1", "--out", tmp_path,
-    )  # fmt: skip
+    result, text = invoke_retrieval_attention(tmp_path, "--no-fused-choice")
     assert result.exit_code == 0, text
     assert seen and set(seen) == {False}, "every choice in the timed calls ran with the fused choice off"
     data = json.loads((tmp_path / "bench.json").read_text())

@@ -13,7 +13,7 @@ from ctxext.attention import retrieve, score_budget
 from ctxext.attention.options import TensorizedOptions
 
 from .far_block_brute_force import OPTS, case
-from .test_bench import invoke
+from .test_bench import invoke, invoke_retrieval_attention
 
 
 def _chunks_and_choice(monkeypatch, scale: int) -> tuple[int, int, torch.Tensor]:
@@ -61,11 +61,7 @@ def test_bench_applies_and_records_the_scale(tmp_path, monkeypatch):
     seen = []
     budget = score_budget.budget
     monkeypatch.setattr(score_budget, "budget", lambda base: seen.append(score_budget.SCALE) or budget(base))
-    result, text = invoke(
-        "--model", "tiny-random:llama", "--lengths", "96", "--what", "attention", "--device", "cpu",
-        "--block-sizes", "16", "--sinks", "4", "--local", "window", "--no-long-range", "--retrieve", "2",
-        "--retrieve-block", "8", "--score-budget-scale", "16", "--threads", "1", "--repeats", "1", "--out", tmp_path,
-    )  # fmt: skip
+    result, text = invoke_retrieval_attention(tmp_path, "--score-budget-scale", "16")
     assert result.exit_code == 0, text
     assert seen and set(seen) == {16}, "every chunked choice in the timed calls ran at the scale asked for"
     data = json.loads((tmp_path / "bench.json").read_text())
