@@ -22,12 +22,9 @@ on a CPU only in Triton's interpreter, whose time means nothing).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import time
-import unittest.mock
 from pathlib import Path
 
 import torch
@@ -56,9 +53,7 @@ def choose_fused(q, k, ok, opts) -> torch.Tensor:
 def fused_row(length: int, q, k, ok, opts, reference: torch.Tensor, repeats: int) -> dict:
     """Operator calls + launches of the fused choice; on CUDA also its time and its agreement with scale 1."""
     run = q.is_cuda
-    # without CUDA the fused choice takes its kernel path only in the interpreter's mode; launches are not run
-    mode = contextlib.nullcontext() if run else unittest.mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"})
-    with mode, counted_launches(run) as launches, OpCounter() as counter:
+    with counted_launches(run) as launches, OpCounter() as counter:
         index = choose_fused(q, k, ok, opts)
     row = {"n": length, "scale": "fused", "op_calls": counter.calls, "launches": sum(launches.values()), "seconds": []}
     if run:  # the same blocks per query (order aside), but for rounding

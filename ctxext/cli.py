@@ -679,7 +679,7 @@ def bench(
     fused_choice: Annotated[
         bool,
         typer.Option(
-            help="Triton backend: make the far-block choice on its two fused kernels (default) or, with "
+            help="Triton backend: make the far-block choice on its fused kernels (default) or, with "
             "--no-fused-choice, in PyTorch chunks as the torch backend does."
         ),
     ] = True,

@@ -1,9 +1,10 @@
-"""The far-block choice (``retrieve=k``) in two fused kernels: the bound proposes, the exact score picks.
+"""The far-block choice (``retrieve=k``) on fused kernels: the bound proposes, the exact score picks.
 
 The PyTorch choice (:func:`ctxext.attention.retrieve.far_block_index`) scores queries in chunks
 sized for a CPU's memory, a dozen operator calls each: at 131,072 tokens with 32 query heads,
 about 2,000 chunks per layer, each a round of kernel launches on a GPU (docs/RESULTS.md, round
-18). Here the same choice is two launches:
+18). Here the same choice is one launch for the bound alone, three and a few operator calls with
+the exact stage:
 
 * ``choose_bound_kernel``: one program per (tile of ``BLOCK_Q`` queries, batch x query head).
   It walks the far blocks in tiles of ``CP`` (a power of two), scores each tile with two
@@ -12,9 +13,15 @@ about 2,000 chunks per layer, each a round of kernel launches on a GPU (docs/RES
   tile are joined and sorted (``tl.sort``), the upper half kept; a tile that beats no kept block
   of any of the program's queries is skipped. Only blocks before the tile's
   last local range are visited (causal: about half of them).
-* ``choose_exact_kernel``: one program per query. It reads the keys of its candidates (blocks
-  of ``M`` slots), takes the exact ``max q . k`` over each candidate's retrievable keys, sorts
-  them and keeps the ``TOP`` best.
+* ``choose_exact_kernel``: one program per (far block, batch x query head), over the (query,
+  candidate) pairs that proposed the block, gathered from a CSR list
+  (:func:`ctxext._kernels.retrieve.query_lists`, a sort in PyTorch): the block's keys are loaded
+  once, each tile of pairs is one ``tl.dot`` and a row maximum, the exact ``max q . k`` over the
+  block's retrievable keys, written to the pair's place. A kernel with one program per query
+  reading its candidates' keys would load ``C * M * D`` floats per query and head (1 MiB at 32
+  candidates of 64 keys, head dim 128: about 4 TB per layer at 128k tokens and 32 heads); this
+  one loads each block once per head and each query once per candidate (about 70 GB there).
+* ``choose_top_kernel``: each query's ``TOP`` best of its ``C`` exact scores (one sort per row).
 
 A score and its block number travel as one int64 (:func:`_pack`): the float32 score's bits made
 order-preserving in the high half, ``2**31 - 1 - block`` in the low half, so one integer sort
@@ -98,32 +105,50 @@ def choose_bound_kernel(
 
 @triton.jit
 def choose_exact_kernel(
-    Q, K, KOK, CAND, IDX,
-    L, D, HQ, G, M, C, TOP,
-    CP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, KOK, QOFF, PAIRS, EXACT,
+    L, D, HQ, G, NB, M, C,
+    PREC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
-    q_row = bh.to(tl.int64) * L + tl.program_id(0)
-    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, CP)
+    offs_q = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < D
-    q = tl.load(Q + q_row * D + offs_d, mask=d_ok, other=0.0)
-    exact = tl.full([CP], float("-inf"), tl.float32)
-    for j in range(C):
-        blk = tl.load(CAND + q_row * C + j)  # -1: no candidate
-        slots = blk * M + offs_m
-        ok = (offs_m < M) & (slots >= 0) & (slots < L)  # slots >= 0 iff blk >= 0
-        ok = ok & (tl.load(KOK + b * L + slots, mask=ok, other=0) != 0)
-        k = tl.load(K + (kv_base + slots).to(tl.int64)[:, None] * D + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
-                    other=0.0)  # fmt: skip
-        best_key = tl.max(tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf")), 0)
-        exact = tl.where(offs_c == j, best_key, exact)
-    cand = tl.load(CAND + q_row * C + offs_c, mask=offs_c < C, other=-1)
+    slots = blk * M + offs_m
+    ok = (offs_m < M) & (slots < L)
+    ok = ok & (tl.load(KOK + b * L + slots, mask=ok, other=0) != 0)
+    kv_rows = ((b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L + slots)[:, None] * D
+    k = tl.load(K + kv_rows + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    first = tl.load(QOFF + bh.to(tl.int64) * NB + blk)
+    last = tl.load(QOFF + bh.to(tl.int64) * NB + blk + 1)
+    for start in range(first, last, BLOCK_Q):
+        at = start + offs_q
+        q_in = at < last
+        pair = tl.load(PAIRS + at, mask=q_in, other=0).to(tl.int64)  # (BLOCK_Q,) slot * C + candidate
+        q_rows = bh.to(tl.int64) * L + pair // C
+        q = tl.load(Q + q_rows[:, None] * D + offs_d[None, :], mask=q_in[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_Q, BLOCK_M)
+        best = tl.max(tl.where(ok[None, :], qk, float("-inf")), 1)
+        tl.store(EXACT + bh.to(tl.int64) * L * C + pair, best, mask=q_in)
+
+
+@triton.jit
+def choose_top_kernel(
+    EXACT, CAND, IDX, ROWS, C, TOP,
+    CP: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, CP)
+    cell_ok = (rows < ROWS)[:, None] & (offs_c < C)[None, :]
+    at = rows.to(tl.int64)[:, None] * C + offs_c[None, :]
+    exact = tl.load(EXACT + at, mask=cell_ok, other=float("-inf"))
+    cand = tl.load(CAND + at, mask=cell_ok, other=-1)
     score, block = _unpack(tl.sort(_pack(exact, cand), descending=True))
-    tl.store(IDX + q_row * TOP + offs_c, tl.where(score > float("-inf"), block, -1), mask=offs_c < TOP)
+    out_ok = (rows < ROWS)[:, None] & (offs_c < TOP)[None, :]
+    tl.store(IDX + rows.to(tl.int64)[:, None] * TOP + offs_c[None, :], tl.where(score > float("-inf"), block, -1),
+             mask=out_ok)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +209,21 @@ def choose_far_blocks(
     )  # fmt: skip
     if not two_stage:
         return index
-    picked = torch.empty(b, hq, length, top, device=qs.device, dtype=torch.int32)
-    choose_exact_kernel[(length, b * hq)](
-        qs, ks, key_ok.contiguous().view(torch.uint8), index, picked,
-        length, d, hq, hq // ks.shape[1], m, proposed, top,
-        CP=width, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_D=block_d, num_warps=1 if small else 4,
+    # the exact stage: one program per (far block, head) over the (query, candidate) pairs that proposed it
+    from .retrieve import query_lists
+
+    offsets, pairs = query_lists(index, nb, pairs=True)
+    exact = torch.full((b, hq, length, proposed), float("-inf"), device=qs.device, dtype=torch.float32)
+    choose_exact_kernel[(nb, b * hq)](
+        qs, ks, key_ok.contiguous().view(torch.uint8), offsets, pairs, exact,
+        length, d, hq, hq // ks.shape[1], nb, m, proposed,
+        PREC=precision, BLOCK_Q=16 if small else 32, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_D=block_d,
+        num_warps=1 if small else 4,
     )  # fmt: skip
+    picked = torch.empty(b, hq, length, top, device=qs.device, dtype=torch.int32)
+    rows = b * hq * length
+    block_r = 16 if small else 32
+    choose_top_kernel[(triton.cdiv(rows, block_r),)](
+        exact, index, picked, rows, proposed, top, CP=width, BLOCK_R=block_r, num_warps=1 if small else 4
+    )
     return picked

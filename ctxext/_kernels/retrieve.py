@@ -168,17 +168,19 @@ def retrieve_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def query_lists(index: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_lists(index: torch.Tensor, nb: int, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For each (batch * query head, far block): the queries that chose it, as a CSR list.
 
     index: ``(B, HQ, L, k)`` block numbers (``-1``: none). Returns offsets ``(B * HQ * nb + 1,)``
-    int64 and query slots ``(E,)`` int32 sorted by (head, block), E = the number of choices.
+    int64 and query slots ``(E,)`` int32 sorted by (head, block), E = the number of choices;
+    pairs: each entry is the choice's place ``slot * k + j`` in its head's ``(L, k)`` instead.
     """
     b, hq, length, top = index.shape
     flat = index.reshape(b * hq, length * top).long()
     taken = flat >= 0
     list_of = (torch.arange(b * hq, device=index.device)[:, None] * nb + flat)[taken]  # (E,)
-    slot = torch.arange(length, device=index.device).repeat_interleave(top).expand(b * hq, -1)[taken]
+    place = torch.arange(length * top, device=index.device)
+    slot = (place if pairs else place // top).expand(b * hq, -1)[taken]
     order = torch.argsort(list_of, stable=True)
     counts = torch.bincount(list_of, minlength=b * hq * nb)
     offsets = torch.zeros(b * hq * nb + 1, dtype=torch.int64, device=index.device)

@@ -1,9 +1,10 @@
-"""The Triton backend's far-block choice: :func:`ctxext.attention.retrieve.far_block_index` in two launches.
+"""The Triton backend's far-block choice: :func:`ctxext.attention.retrieve.far_block_index` on fused kernels.
 
 The PyTorch choice scores queries in memory-bounded chunks, each a dozen or so operator calls
 (at 131,072 tokens and 32 query heads, about 2,000 chunks a layer); the fused kernels
-(``ctxext/_kernels/choose.py``) make the same choice in two launches after a few operator calls
-for the per-block key bounds. Same blocks as the PyTorch choice up to rounding of the scores
+(``ctxext/_kernels/choose.py``) make the same choice in three launches (one for the bound alone)
+and a few dozen operator calls (the per-block key bounds, the exact stage's lists of pairs),
+whatever the length. Same blocks as the PyTorch choice up to rounding of the scores
 (tested against it in the interpreter, ``tests/kernels``); a choice with ties may differ in which
 of the tied blocks it takes.
 
@@ -27,11 +28,20 @@ ENABLED = True
 MAX_CANDIDATES = 64  # the bound kernel keeps each query's candidates in registers (and shared memory)
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device``: CUDA, or any device in Triton's interpreter.
+
+    ``ctxext.bench.launches.counted_launches(run=False)`` answers True for every device while it
+    counts launches without running them.
+    """
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def unsupported_reason(opts: TensorizedOptions, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why the fused choice cannot serve these settings (None: it can)."""
     if not ENABLED:
         return "switched off (fused_choice.ENABLED)"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not kernels_run_on(device):
         return f"the fused kernels run on CUDA or in Triton's interpreter (TRITON_INTERPRET=1), not on {device.type}"
     if dtype != torch.float32:
         return f"the fused choice scores in float32, got {dtype}"

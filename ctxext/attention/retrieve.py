@@ -43,7 +43,7 @@ range starts; in the axis frame their slots sit at ``o - m`` (stacked) or ``o - 
 
 Both the reference and the torch backend call :func:`select_far_blocks`, so they agree on
 the choice even at ties; they compute the attention independently. The Triton backend makes the
-same choice on two fused kernels (:mod:`ctxext.attention.fused_choice`), the same blocks up to
+same choice on fused kernels (:mod:`ctxext.attention.fused_choice`), the same blocks up to
 rounding of the scores and the order of ties.
 """
 

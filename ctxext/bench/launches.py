@@ -23,9 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 KERNELS = {
     "ctxext._kernels.launch": ("hop_fwd_kernel", "hop_dq_kernel", "hop_dkdv_kernel"),
     "ctxext._kernels.retrieve": ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"),
-    "ctxext._kernels.choose": ("choose_bound_kernel", "choose_exact_kernel"),
+    "ctxext._kernels.choose": ("choose_bound_kernel", "choose_exact_kernel", "choose_top_kernel"),
 }
-BLOCK_INDEX_ARG = {"choose_bound_kernel": 4, "choose_exact_kernel": 4}  # the position of output IDX
+BLOCK_INDEX_ARG = {"choose_bound_kernel": 4, "choose_top_kernel": 2}  # the position of their output IDX
 
 
 class OpCounter(TorchDispatchMode):
@@ -45,7 +45,8 @@ def counted_launches(run: bool, on_launch: Callable | None = None) -> Iterator[c
     """Count the launches of every kernel in :data:`KERNELS` (a Counter by kernel name) inside the block.
 
     run: launch them for real; False: count only (a kernel's outputs stay as allocated, but the
-    choice kernels' block index is filled with -1). on_launch: called with ``(kernel, args,
+    choice kernels' block index is filled with -1), and the fused far-block choice takes its
+    kernels' path on any device (``fused_choice.kernels_run_on``). on_launch: called with ``(kernel, args,
     kwargs)`` for every launch (``tests/kernels/gpu_compile.py`` compiles them).
     """
     counts: collections.Counter = collections.Counter()
@@ -67,8 +68,12 @@ def counted_launches(run: bool, on_launch: Callable | None = None) -> Iterator[c
 
             return launch
 
-    swapped = []
+    from ..attention import fused_choice
+
+    swapped = [] if run else [(fused_choice, "kernels_run_on", fused_choice.kernels_run_on)]
     try:
+        if not run:  # nothing runs, so every device may take the kernels' path (their real tile sizes)
+            fused_choice.kernels_run_on = lambda device: True
         for module_name, names in KERNELS.items():
             module = importlib.import_module(module_name)
             for name in names:

@@ -44,9 +44,9 @@ def test_the_fused_choice_makes_the_forward_a_constant_count(tmp_path, capsys):
     by = {(r["n"], r["choice"]): r for r in rows}
     fused = [by[(n, "fused")] for n in (1024, 2048)]
     chunked = [by[(n, "pytorch")] for n in (1024, 2048)]
-    assert fused[0]["op_calls"] == fused[1]["op_calls"] and fused[0]["launches"] == fused[1]["launches"] == 4
-    assert fused[0]["by_kernel"] == {"choose_bound_kernel": 1, "choose_exact_kernel": 1, "hop_fwd_kernel": 1,
-                                     "retrieve_fwd_kernel": 1}  # fmt: skip
+    assert fused[0]["op_calls"] == fused[1]["op_calls"] and fused[0]["launches"] == fused[1]["launches"] == 5
+    assert fused[0]["by_kernel"] == {"choose_bound_kernel": 1, "choose_exact_kernel": 1, "choose_top_kernel": 1,
+                                     "hop_fwd_kernel": 1, "retrieve_fwd_kernel": 1}  # fmt: skip
     assert chunked[0]["launches"] == 2 and chunked[0]["op_calls"] < chunked[1]["op_calls"]
     assert fused[1]["op_calls"] < chunked[1]["op_calls"]
     assert json.loads(out.read_text())["rows"] == rows
