@@ -63,12 +63,12 @@ def choose(
     """
     if unsupported_reason(opts, qs.dtype, qs.device) is not None:
         return far_block_index(qs, ks, key_ok, opts, n).to(torch.int32)
-    from ctxext._kernels.choose import choose_far_blocks
+    from .triton_retrieve import ta_choose
 
     m = opts.retrieval_block
     with torch.no_grad():
         keys = far_block_keys(ks, key_ok, m, m)
-        return choose_far_blocks(
+        return ta_choose(
             qs, ks, key_ok, keys.kmax, keys.kmin, keys.has_keys, m, n, opts.local == "window",
             min(opts.retrieve, keys.has_keys.shape[1]), opts.retrieve_candidates, precision,
         )  # fmt: skip

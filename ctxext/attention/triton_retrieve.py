@@ -1,8 +1,9 @@
-"""The fused retrieval kernels as a custom op with autograd: ``ctxext::ta_retrieve``.
+"""The fused retrieval kernels as custom ops: ``ctxext::ta_retrieve`` (with autograd) and ``ctxext::ta_choose``.
 
-Layers as in :mod:`ctxext.attention.triton_backend`: raw kernels (``ctxext/_kernels/retrieve.py``)
--> ``torch.library.custom_op`` (with fake implementations, so ``torch.compile`` can trace) ->
-``register_autograd``. The choice of blocks (``index``) is an input without gradient.
+Layers as in :mod:`ctxext.attention.triton_backend`: raw kernels (``ctxext/_kernels/retrieve.py``,
+``ctxext/_kernels/choose.py``) -> ``torch.library.custom_op`` (with fake implementations, so
+``torch.compile`` can trace) -> ``register_autograd``. The choice of blocks (``index``, made by
+``ta_choose``) is an input without gradient.
 
 Deliberately without ``from __future__ import annotations``: ``custom_op`` reads the annotations.
 """
@@ -80,3 +81,30 @@ def _backward(ctx, dout, dlse):
 
 
 ta_retrieve.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ctxext::ta_choose", mutates_args=())
+def ta_choose(
+    qs: Tensor,
+    ks: Tensor,
+    key_ok: Tensor,
+    kmax: Tensor,
+    kmin: Tensor,
+    has_keys: Tensor,
+    m: int,
+    n: int,
+    window: bool,
+    top: int,
+    candidates: int,
+    precision: str,
+) -> Tensor:
+    """Each query's ``top`` far blocks, ``(B, Hq, L, top)`` int32 (``-1``: none): see
+    :func:`ctxext._kernels.choose.choose_far_blocks` for the arguments."""
+    from ctxext._kernels.choose import choose_far_blocks
+
+    return choose_far_blocks(qs, ks, key_ok, kmax, kmin, has_keys, m, n, window, top, candidates, precision)
+
+
+@ta_choose.register_fake
+def _(qs, ks, key_ok, kmax, kmin, has_keys, m, n, window, top, candidates, precision):
+    return qs.new_empty((*qs.shape[:3], top), dtype=torch.int32)

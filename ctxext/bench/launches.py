@@ -29,7 +29,13 @@ BLOCK_INDEX_ARG = {"choose_bound_kernel": 4, "choose_top_kernel": 2}  # the posi
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operator calls made inside it (``calls``)."""
+    """Counts the operator calls made inside it (``calls``), inside the project's custom ops too.
+
+    A ``ctxext::`` custom op (``ta_hop``, ``ta_retrieve``, ``ta_choose``) counts once and its Python
+    implementation runs under the counter, so the ATen calls it makes count as well (a dispatch
+    mode alone would see the op as one call). Its Triton launches are counted by
+    :func:`counted_launches`, not here.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,7 +43,21 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
+        implementation = _project_op_implementation(func)
+        if implementation is not None:
+            with self:
+                return implementation(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+def _project_op_implementation(func) -> Callable | None:
+    """The Python function behind a ``ctxext::`` custom op (None for any other operator)."""
+    if getattr(func, "namespace", None) != "ctxext":
+        return None
+    from torch._library import custom_ops  # where torch.library.custom_op keeps its definitions
+
+    definition = getattr(custom_ops, "OPDEFS", {}).get(func._schema.name)
+    return getattr(definition, "_init_fn", None)
 
 
 @contextlib.contextmanager

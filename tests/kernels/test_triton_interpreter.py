@@ -437,3 +437,15 @@ def test_triton_backend_float32_with_the_fused_choice_matches_torch_backend():
     oc.assert_close(got, want, 2e-5, "fused choice, float32")
     with fused_choice.switched(False):
         oc.assert_close(oc.run_api("triton", q, k, v, (4,), opts, **kw), got, 2e-5, "PyTorch choice on the kernels")
+
+
+def test_choose_custom_op_registration_passes_opcheck():
+    from ctxext.attention.retrieve import far_block_keys, retrievable_keys
+    from ctxext.attention.triton_retrieve import ta_choose
+
+    q, k, _ = oc.make_qkv(batch=1, hq=2, hkv=1, n=40, dim=8, seed=37, dtype=torch.float32)
+    key_ok = retrievable_keys(torch.ones(1, 40, dtype=torch.bool), 2)
+    keys = far_block_keys(k, key_ok, 4, 4)
+    args = (q, k, key_ok, keys.kmax, keys.kmin, keys.has_keys, 4, 8, True, 2, 5, "ieee")
+    assert (ta_choose(*args) >= 0).any()
+    torch.library.opcheck(ta_choose, args, test_utils=("test_schema", "test_faketensor"))

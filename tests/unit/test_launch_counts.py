@@ -51,3 +51,22 @@ def test_the_fused_choice_makes_the_forward_a_constant_count(tmp_path, capsys):
     assert fused[1]["op_calls"] < chunked[1]["op_calls"]
     assert json.loads(out.read_text())["rows"] == rows
     assert "| 2048 | forward | fused |" in capsys.readouterr().out
+
+
+def test_op_counter_sees_inside_the_projects_custom_ops():
+    from ctxext.attention.triton_retrieve import ta_choose
+
+    def body():
+        return torch.ones(2).add(1).mul(2).int()
+
+    with OpCounter() as alone:
+        body()
+    calls = []
+    real = ta_choose._init_fn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ta_choose, "_init_fn", lambda *a: calls.append(len(a)) or body())
+        args = (*[torch.zeros(1)] * 6, 1, 1, True, 1, 1, "ieee")
+        with OpCounter() as ops:
+            ta_choose(*args)
+    assert calls == [12] and alone.calls >= 4 and ops.calls == 1 + alone.calls  # the op, then what it runs
+    assert ta_choose._init_fn is real
