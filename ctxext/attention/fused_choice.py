@@ -8,7 +8,7 @@ whatever the length. Same blocks as the PyTorch choice up to rounding of the sco
 (tested against it in the interpreter, ``tests/kernels``); a choice with ties may differ in which
 of the tied blocks it takes.
 
-:data:`ENABLED` switches it (``ctxext bench --choice``); settings it does not cover
+:data:`ENABLED` switches it (``ctxext bench --no-fused-choice``); settings it does not cover
 (:func:`unsupported_reason`) take the PyTorch choice.
 """
 
