@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .launch import interpreting
+from .retrieve import block_keys, query_lists
 
 
 @triton.jit
@@ -116,11 +117,8 @@ def choose_exact_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_q = tl.arange(0, BLOCK_Q)
     d_ok = offs_d < D
-    slots = blk * M + offs_m
-    ok = (offs_m < M) & (slots < L)
-    ok = ok & (tl.load(KOK + b * L + slots, mask=ok, other=0) != 0)
-    kv_rows = ((b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L + slots)[:, None] * D
-    k = tl.load(K + kv_rows + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * L
+    k, ok, _ = block_keys(K, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d)  # (BLOCK_M, BLOCK_D), (BLOCK_M,)
     first = tl.load(QOFF + bh.to(tl.int64) * NB + blk)
     last = tl.load(QOFF + bh.to(tl.int64) * NB + blk + 1)
     for start in range(first, last, BLOCK_Q):
@@ -210,8 +208,6 @@ def choose_far_blocks(
     if not two_stage:
         return index
     # the exact stage: one program per (far block, head) over the (query, candidate) pairs that proposed it
-    from .retrieve import query_lists
-
     offsets, pairs = query_lists(index, nb, pairs=True)
     exact = torch.full((b, hq, length, proposed), float("-inf"), device=qs.device, dtype=torch.float32)
     choose_exact_kernel[(nb, b * hq)](

@@ -32,15 +32,24 @@ NEG_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d):
-    """Keys and values ``(BLOCK_M, BLOCK_D)`` of far block ``blk`` (< 0: none) and which slots are keys."""
+def block_keys(K, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d):
+    """Keys ``(BLOCK_M, BLOCK_D)`` of far block ``blk`` (< 0: none), which slots are keys, and their rows.
+
+    kv_base: the key head's first row in ``(B * HKV * L)``; rows: ``(BLOCK_M,)`` int64 (for the values).
+    """
     slots = blk * M + offs_m
     ok = (offs_m < M) & (slots >= 0) & (slots < L)  # slots >= 0 iff blk >= 0
     ok = ok & (tl.load(KOK + b * L + slots, mask=ok, other=0) != 0)
     rows = (kv_base + slots).to(tl.int64)
-    tile_ok = ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
-    v = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
+    k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    return k, ok, rows
+
+
+@triton.jit
+def _block(K, V, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d):
+    """Keys and values ``(BLOCK_M, BLOCK_D)`` of far block ``blk`` (< 0: none) and which slots are keys."""
+    k, ok, rows = block_keys(K, KOK, kv_base, b, blk, L, D, M, offs_m, offs_d)
+    v = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
     return k, v, ok
 
 

@@ -25,7 +25,7 @@ KERNELS = {
     "ctxext._kernels.retrieve": ("retrieve_fwd_kernel", "retrieve_dq_kernel", "retrieve_dkdv_kernel"),
     "ctxext._kernels.choose": ("choose_bound_kernel", "choose_exact_kernel", "choose_top_kernel"),
 }
-BLOCK_INDEX_ARG = {"choose_bound_kernel": 4, "choose_top_kernel": 2}  # the position of their output IDX
+CHOICE_OUTPUTS = ("choose_bound_kernel", "choose_top_kernel")  # kernels whose argument IDX is their output
 
 
 class OpCounter(TorchDispatchMode):
@@ -82,8 +82,8 @@ def counted_launches(run: bool, on_launch: Callable | None = None) -> Iterator[c
                     on_launch(self.kernel, args, kwargs)
                 if run:
                     return self.kernel[grid](*args, **kwargs)
-                if self.name in BLOCK_INDEX_ARG:
-                    args[BLOCK_INDEX_ARG[self.name]].fill_(-1)
+                if self.name in CHOICE_OUTPUTS:
+                    args[self.kernel.arg_names.index("IDX")].fill_(-1)
                 return None
 
             return launch
