@@ -326,10 +326,8 @@ def _evaluate_entries(spec, entries, first: list, docs, retrieval, device, group
     first: ``[(model, tokenizer)]`` of ``entries[0]``, loaded by the caller to fail early; taken
     out of the list here, so each model is freed before the next one loads.
     """
-    from ..generation import answer_matches, generated_answer
-    from .perplexity import document_nll, load_docs, perplexity
-    from .retrieval import teacher_forced_prediction
-    from .tasks import make_sample
+    from .layer_progress import layer_progress
+    from .perplexity import load_docs
 
     docs_key = _tokenizer_key(first[0][1])
     for i, entry in enumerate(entries):
@@ -342,57 +340,68 @@ def _evaluate_entries(spec, entries, first: list, docs, retrieval, device, group
         bar.set_description(f"eval {entry.label}")
         report["models"][i]["attn_implementation"] = model.config._attn_implementation
         report["models"][i]["tensorized_attention"] = getattr(model.config, "tensorized_attention", None)
-        if docs is not None:
-            rows = report["perplexity"][entry.label] = {}
-            for length in spec.lengths:
-                chosen, skipped = docs.select(length, spec.docs)
-                cell: dict[str, Any] = {"docs": len(chosen), "skipped_short": skipped}
-                total, tokens = 0.0, 0
-                try:
-                    for ids in chosen:
-                        nll, n = document_nll(model, ids[:length], chunk=spec.chunk, group=group)
-                        total, tokens = total + nll, tokens + n
-                        bar.update(1)
-                    cell.update(nll=total / tokens if tokens else None, ppl=perplexity(total, tokens), tokens=tokens)
-                except (RuntimeError, torch.OutOfMemoryError) as err:
-                    if not _is_oom(err):
-                        raise
-                    cell["oom"] = True
-                    _free()
-                bar.update(spec.docs - len(chosen))
-                rows[str(length)] = cell
-        for task in retrieval:
-            grid = report["tasks"][task][entry.label] = {}
-            misses = report["misses"][task][entry.label] = []
-            for length in spec.lengths:
-                row = grid[str(length)] = {}
-                for depth in spec.depths:
-                    correct, oom = 0, False
-                    for trial in range(spec.trials):
-                        sample = make_sample(task, tokenizer, length, depth, seed=spec.seed * 10_000 + trial)
-                        try:
-                            if spec.scoring == "generate":
-                                prompt = sample.input_ids[: sample.answer_start]
-                                said = generated_answer(model, tokenizer, prompt, sample.answer)
-                                ok = answer_matches(said, sample.answer)
-                            else:
-                                want = sample.input_ids[sample.answer_start :]
-                                got = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
-                                ok, said = got == want, tokenizer.decode(got)
-                            correct += ok
-                            if not ok:
-                                miss = {"length": length, "depth": depth, "trial": trial, "answer": sample.answer}
-                                misses.append({**miss, "predicted": said})
-                        except (RuntimeError, torch.OutOfMemoryError) as err:
-                            if not _is_oom(err):
-                                raise
-                            oom = True
-                            _free()
-                        bar.update(1)
-                    row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
+        with layer_progress(model, enabled=not bar.disable):
+            _score_model(spec, entry.label, model, tokenizer, docs, retrieval, group, bar, report)
         report["seconds"][entry.label] = round(time.time() - start, 1)
         del model
         _free()
+
+
+def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar, report) -> None:
+    """Every perplexity and retrieval cell of one model into ``report``; ``bar`` counts passes."""
+    from ..generation import answer_matches, generated_answer
+    from .perplexity import document_nll, perplexity
+    from .retrieval import teacher_forced_prediction
+    from .tasks import make_sample
+
+    if docs is not None:
+        rows = report["perplexity"][label] = {}
+        for length in spec.lengths:
+            chosen, skipped = docs.select(length, spec.docs)
+            cell: dict[str, Any] = {"docs": len(chosen), "skipped_short": skipped}
+            total, tokens = 0.0, 0
+            try:
+                for ids in chosen:
+                    nll, n = document_nll(model, ids[:length], chunk=spec.chunk, group=group)
+                    total, tokens = total + nll, tokens + n
+                    bar.update(1)
+                cell.update(nll=total / tokens if tokens else None, ppl=perplexity(total, tokens), tokens=tokens)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                cell["oom"] = True
+                _free()
+            bar.update(spec.docs - len(chosen))
+            rows[str(length)] = cell
+    for task in retrieval:
+        grid = report["tasks"][task][label] = {}
+        misses = report["misses"][task][label] = []
+        for length in spec.lengths:
+            row = grid[str(length)] = {}
+            for depth in spec.depths:
+                correct, oom = 0, False
+                for trial in range(spec.trials):
+                    sample = make_sample(task, tokenizer, length, depth, seed=spec.seed * 10_000 + trial)
+                    try:
+                        if spec.scoring == "generate":
+                            prompt = sample.input_ids[: sample.answer_start]
+                            said = generated_answer(model, tokenizer, prompt, sample.answer)
+                            ok = answer_matches(said, sample.answer)
+                        else:
+                            want = sample.input_ids[sample.answer_start :]
+                            got = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
+                            ok, said = got == want, tokenizer.decode(got)
+                        correct += ok
+                        if not ok:
+                            miss = {"length": length, "depth": depth, "trial": trial, "answer": sample.answer}
+                            misses.append({**miss, "predicted": said})
+                    except (RuntimeError, torch.OutOfMemoryError) as err:
+                        if not _is_oom(err):
+                            raise
+                        oom = True
+                        _free()
+                    bar.update(1)
+                row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
 
 
 def mark_not_run(report: dict[str, Any], spec) -> None:
