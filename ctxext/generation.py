@@ -101,7 +101,8 @@ def generate_text(
     """
     from transformers import TextStreamer
 
-    from .attention.cache import TensorizedCache
+    from .attention.cache import TensorizedCache, cache_argument
+    from .layer_progress import layer_progress
 
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -112,16 +113,17 @@ def generate_text(
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     start = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        past_key_values=cache,
-        use_cache=use_cache,
-        streamer=streamer,
-        pad_token_id=_pad_id(tokenizer),
-        **sampling,
-    )
+    with layer_progress(model, enabled=stream):  # a long prompt's prefill shows its progress
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            **cache_argument(cache),
+            use_cache=use_cache,
+            streamer=streamer,
+            pad_token_id=_pad_id(tokenizer),
+            **sampling,
+        )
     new = out[0, ids.shape[1] :]
     first = streamer.first or time.perf_counter()
     memory = cache.memory() if cache is not None else {"kv": 0, "tensorized": 0}

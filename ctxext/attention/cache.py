@@ -43,7 +43,7 @@ class TensorizedDecodeState:
             raise TensorizedCacheError(
                 "this cache was filled by a model with other tensorized-attention settings or shapes "
                 f"({self.geometry}) and cannot serve this one ({geometry}). Use a new cache per model and settings "
-                "(generate builds one when past_key_values is not passed)."
+                f"(generate builds one when no cache is passed as {CACHE_KEYWORD}=)."
             )
         if batch != len(self.rows):
             raise TensorizedCacheError(
@@ -158,6 +158,22 @@ class TensorizedCache(DynamicCache):
     def memory(self) -> dict[str, int]:
         """Bytes held: ``kv`` (keys and values), ``tensorized`` (the extra decode state)."""
         return cache_memory(self)
+
+
+def _cache_keyword() -> str:
+    """The keyword a model call and ``generate`` take a cache by: ``past_key_values`` until
+    transformers renamed it ``cache`` (5.2x, the old name deprecated: a FutureWarning per call)."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+
+
+def cache_argument(cache) -> dict[str, object]:
+    """``{keyword: cache}`` for ``model(...)`` or ``model.generate(...)`` on the installed transformers."""
+    return {CACHE_KEYWORD: cache}
 
 
 def cache_memory(cache) -> dict[str, int]:

@@ -96,7 +96,8 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise NotImplementedError(
             f"tensorized attention got {q.shape[-2]} queries but {k.shape[-2]} keys: cached decoding (fewer "
             "queries than keys) needs ctxext's tensorized cache, which this cache is not. Let generate build its "
-            "cache (do not pass past_key_values), pass past_key_values=ctxext.TensorizedCache(model.config), or "
+            "cache (pass none), pass ctxext.TensorizedCache(model.config) as the cache (past_key_values=, named "
+            "cache= from transformers 5.2x), or "
             "run without a cache (use_cache=False)."
         )
     if k.shape != v.shape:

@@ -113,7 +113,7 @@ def _model_steps(ctx, model, method, n: int, steps: int) -> dict[str, Any]:
     """Prefill N random tokens, then time ``steps`` greedy single-token forwards."""
     from transformers import DynamicCache
 
-    from ..attention.cache import cache_memory
+    from ..attention.cache import cache_argument, cache_memory
     from .model import use_method
 
     use_method(model, method, ctx.options)
@@ -124,14 +124,14 @@ def _model_steps(ctx, model, method, n: int, steps: int) -> dict[str, Any]:
     with torch.no_grad():
         sync(ctx.device)
         start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **cache_argument(cache), use_cache=True, logits_to_keep=1)
         sync(ctx.device)
         prefill_s = time.perf_counter() - start
         for step in range(ctx.spec.warmup + steps):
             nxt = out.logits[:, -1:].argmax(-1)
             sync(ctx.device)
             start = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, **cache_argument(cache), use_cache=True)
             sync(ctx.device)
             if step >= ctx.spec.warmup:
                 times.append(time.perf_counter() - start)

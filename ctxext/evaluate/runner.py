@@ -326,7 +326,7 @@ def _evaluate_entries(spec, entries, first: list, docs, retrieval, device, group
     first: ``[(model, tokenizer)]`` of ``entries[0]``, loaded by the caller to fail early; taken
     out of the list here, so each model is freed before the next one loads.
     """
-    from .layer_progress import layer_progress
+    from ..layer_progress import layer_progress
     from .perplexity import load_docs
 
     docs_key = _tokenizer_key(first[0][1])

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+from ctxext.attention.cache import cache_argument
+
 pytestmark = pytest.mark.integration
 
 
@@ -32,7 +34,7 @@ def test_greedy_generation_matches_the_no_cache_reference(smollm2_tensorized, pr
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
         cache = ctxext.TensorizedCache(model.config)
-        cached = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+        cached = model.generate(ids, max_new_tokens=10, do_sample=False, **cache_argument(cache))
     assert cached[0, prompt_tokens:].tolist() == reference[0, prompt_tokens:].tolist()
     memory = cache.memory()
     # complete mode, two axes: + Hq * D = 9 * 64 per token beside 2 * Hkv * D = 2 * 3 * 64 (2.5x).
@@ -53,6 +55,6 @@ def test_greedy_generation_with_retrieval_matches_the_no_cache_reference():
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
         cached = model.generate(
-            ids, max_new_tokens=8, do_sample=False, past_key_values=ctxext.TensorizedCache(model.config)
+            ids, max_new_tokens=8, do_sample=False, **cache_argument(ctxext.TensorizedCache(model.config))
         )
     assert cached[0, 300:].tolist() == reference[0, 300:].tolist()

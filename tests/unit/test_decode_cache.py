@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import ctxext
-from ctxext.attention.cache import TensorizedCacheError, TensorizedCacheLayer, cache_memory
+from ctxext.attention.cache import TensorizedCacheError, TensorizedCacheLayer, cache_argument, cache_memory
 from ctxext.models import apply_tensorized
 
 from .tiny_models import tiny_model
@@ -64,7 +64,7 @@ def _cached_logits(model, ids, mask, positions, schedule, cache=None):
                 ids[:, start:stop],
                 attention_mask=mask[:, :stop],
                 position_ids=positions[:, start:stop],
-                past_key_values=cache,
+                **cache_argument(cache),
                 use_cache=True,
             ).logits
         )
@@ -113,7 +113,7 @@ def test_generate_uses_the_cache_and_matches_generation_without_it(arch):
     with torch.no_grad():
         reference = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
         cache = ctxext.TensorizedCache(model.config)
-        cached = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=cache)
+        cached = model.generate(ids, max_new_tokens=16, do_sample=False, **cache_argument(cache))
     assert torch.equal(cached, reference)
     full_layers = [layer for layer in cache.layers if isinstance(layer, TensorizedCacheLayer)]
     assert full_layers and all(layer.tensorized.tokens_seen == 25 for layer in full_layers)
@@ -172,7 +172,7 @@ def test_a_cache_filled_by_other_settings_is_refused():
     _, cache = _cached_logits(model, ids, mask, positions, (9,))
     other = _model(block_sizes=(8,))
     with torch.no_grad(), pytest.raises(TensorizedCacheError, match="other tensorized-attention settings"):
-        other(ids[:, :1], past_key_values=cache, use_cache=True)
+        other(ids[:, :1], **cache_argument(cache), use_cache=True)
 
 
 def test_a_cache_filled_by_full_attention_is_refused():
@@ -180,10 +180,10 @@ def test_a_cache_filled_by_full_attention_is_refused():
     model = tiny_model("llama", "sdpa")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_argument(cache), use_cache=True)
     apply_tensorized(model, ctxext.TensorizedOptions(block_sizes=(4,)))
     with torch.no_grad(), pytest.raises(TensorizedCacheError, match="not processed by tensorized attention"):
-        model(ids[:, :1], past_key_values=cache, use_cache=True)
+        model(ids[:, :1], **cache_argument(cache), use_cache=True)
 
 
 def test_a_plain_kv_cache_gets_a_clear_error():
@@ -191,9 +191,9 @@ def test_a_plain_kv_cache_gets_a_clear_error():
     ids, _, _ = _inputs(9)
     cache = DynamicCache()  # no config: plain DynamicLayer, no tensorized state
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_argument(cache), use_cache=True)
         with pytest.raises(NotImplementedError, match="TensorizedCache"):
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids[:, :1], **cache_argument(cache), use_cache=True)
 
 
 def test_cropping_a_tensorized_cache_is_refused():
@@ -218,7 +218,7 @@ def test_positions_must_continue_across_cached_calls():
     ids, mask, positions = _inputs(9)
     _, cache = _cached_logits(model, ids, mask, positions, (9,))
     with torch.no_grad(), pytest.raises(ValueError, match="keep increasing.*continues at 3 after 8"):
-        model(ids[:, :1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[3]]))
+        model(ids[:, :1], **cache_argument(cache), use_cache=True, position_ids=torch.tensor([[3]]))
 
 
 def test_cache_layer_appends_in_place_and_follows_every_dynamic_layer_operation():

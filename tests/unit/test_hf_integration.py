@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ctxext
+from ctxext.attention.cache import cache_argument
 from ctxext.attention.hf import ATTN_IMPLEMENTATION, tensorized_mask
 from ctxext.models import UnsupportedModelError, apply_tensorized, save_model_dir
 from tests.unit.tiny_models import tiny_model
@@ -170,7 +171,7 @@ def test_cached_decoding_without_the_tensorized_cache_raises_clearly():
     ids = _ids(9, batch=1)
     cache = DynamicCache()  # a plain KV cache: no tensorized state
     with torch.no_grad(), pytest.raises(NotImplementedError, match="use_cache=False"):
-        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
+        model.generate(ids, max_new_tokens=2, do_sample=False, **cache_argument(cache))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
     assert out.shape == (1, 11)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from ctxext.evaluate import layer_progress as layer_progress_mod
-from ctxext.evaluate.layer_progress import decoder_layers, layer_progress
+from ctxext import layer_progress as layer_progress_mod
+from ctxext.layer_progress import decoder_layers, layer_progress
 
 from .tiny_models import tiny_model
 
@@ -83,3 +83,16 @@ def test_eval_shows_the_layer_bar(tmp_path, monkeypatch, capsys):
     run(spec, progress=True)
     err = capsys.readouterr().err
     assert "layers:   0%" in err and "/2 [" in err  # SmolLM2's tiny cousin: 2 layers
+
+
+def test_generate_shows_the_bar_on_its_passes(monkeypatch, capsys):
+    from ctxext import tiny
+    from ctxext.generation import generate_text
+
+    monkeypatch.setattr(layer_progress_mod, "DELAY_S", 0.0)
+    model, tokenizer = tiny.tiny_model("llama"), tiny.byte_tokenizer()
+    _, stats = generate_text(model, tokenizer, "The quick brown fox " * 4, max_new_tokens=3, stream=True)
+    err = capsys.readouterr().err
+    assert err.count("layers:   0%") == stats.new_tokens  # the prefill, then one pass per further token
+    generate_text(model, tokenizer, "The quick brown fox", max_new_tokens=3, stream=False)
+    assert "layers" not in capsys.readouterr().err

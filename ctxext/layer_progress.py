@@ -1,10 +1,11 @@
 """A progress bar over the decoder layers of each long forward pass.
 
-One evaluation pass at 64k or 128k tokens can take many minutes on a CPU (and seconds on a GPU);
-the evaluation's own bar counts passes, so without this it sits still for the whole pass. While
-:func:`layer_progress` is active, every forward pass of the model gets a transient bar over its
-decoder layers that appears only once the pass has run ``delay`` seconds: short passes never
-show one, and a finished pass leaves no line behind.
+One evaluation pass (or a prompt's prefill) at 64k or 128k tokens can take many minutes on a CPU
+and seconds on a GPU; the evaluation's own bar counts passes, so without this it sits still for
+the whole pass. While :func:`layer_progress` is active, every forward pass of the model gets a
+transient bar over its decoder layers that appears only once the pass has run ``delay`` seconds:
+short passes (and the per-token steps of decoding) never show one, and a finished pass leaves no
+line behind.
 """
 
 from __future__ import annotations
