@@ -36,6 +36,12 @@ class GenerationStats:
         return (self.kv_bytes + self.tensorized_bytes) / self.kv_bytes if self.kv_bytes else 0.0
 
 
+# The text as the tokens spell it: no "clean-up" of spaces before punctuation. SmolLM2's tokenizer
+# config asks for it; transformers skips it for BPE tokenizers, but with a warning in the middle of
+# the output, which an explicit False avoids.
+_DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+
+
 def max_length_of(model) -> int:
     """The configured maximum sequence length: ``max_position_embeddings`` of the model config."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -109,7 +115,7 @@ def generate_text(
     limit = max_length_of(model) if max_length is None else max_length
     check_length(ids.shape[1], max_new_tokens, limit)
     cache = TensorizedCache(model.config) if use_cache else None
-    streamer = _Timer(TextStreamer(tokenizer, skip_prompt=True) if stream else None)
+    streamer = _Timer(TextStreamer(tokenizer, skip_prompt=True, **_DECODE) if stream else None)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     start = time.perf_counter()
@@ -135,7 +141,7 @@ def generate_text(
         kv_bytes=memory["kv"],
         tensorized_bytes=memory["tensorized"],
     )
-    return tokenizer.decode(new, skip_special_tokens=True), stats
+    return tokenizer.decode(new, **_DECODE), stats
 
 
 @torch.no_grad()
@@ -151,7 +157,7 @@ def generated_answer(model, tokenizer, prompt_ids: list[int], answer: str) -> st
         do_sample=False,
         pad_token_id=_pad_id(tokenizer),
     )
-    return tokenizer.decode(out[0, x.shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(out[0, x.shape[1] :], **_DECODE)
 
 
 def answer_matches(text: str, answer: str) -> bool:

@@ -390,7 +390,7 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                         else:
                             want = sample.input_ids[sample.answer_start :]
                             got = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
-                            ok, said = got == want, tokenizer.decode(got)
+                            ok, said = got == want, tokenizer.decode(got, clean_up_tokenization_spaces=False)
                         correct += ok
                         if not ok:
                             miss = {"length": length, "depth": depth, "trial": trial, "answer": sample.answer}
