@@ -61,4 +61,3 @@ def test_a_longer_maximum_can_be_asked_for(model_dir):
         app, ["generate", str(model_dir), "--prompt", "a" * 4090, "--max-new-tokens", "8", "--max-length", "8192"]
     )
     assert result.exit_code == 0, result.output
-
