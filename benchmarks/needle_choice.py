@@ -11,7 +11,7 @@ whether the far block it had to read each one from was chosen.
 (length, depth, seed) the eval's own needle sample (``ctxext.evaluate.tasks.make_sample``: "The
 special magic number for {city} is {7 digits}" in real text) runs once through the model,
 teacher-forced (each answer token predicted after the right ones before it, as the eval scores),
-while every layer's far-block choice is recorded (``torch_backend.select_far_blocks``, as
+while every layer's far-block choice is recorded (``torch_backend.far_block_index``, as
 ``recall_misses.py`` does: the PyTorch backend, so run it on the CPU). The query that predicts
 answer token ``i`` has to copy token ``i`` of the number in the needle sentence; its **chosen
 share** is the share of (layer, query head) pairs whose choice held that token's block of
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
     label = args.label or " ".join([Path(args.model).name, *args.settings])
     result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
-    recorder = ChoiceRecorder(tb.select_far_blocks)
-    tb.select_far_blocks = recorder
+    recorder = ChoiceRecorder(tb.far_block_index)
+    tb.far_block_index = recorder
     try:
         for length in (parse_length(x) for x in args.lengths.split(",")):
             for depth in (float(x) for x in args.depths.split(",")):
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
     finally:
-        tb.select_far_blocks = recorder.choose
+        tb.far_block_index = recorder.choose
     result["summary"] = summary(result["samples"])
     for length, s in result["summary"].items():
         print(

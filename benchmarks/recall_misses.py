@@ -6,7 +6,7 @@
 Runs the quality study's recall (``quality_study.recall_rows``: the same held-out blocks and
 records as ``checkpoint_curve.py``) on checkpoints of a ``ctxext finetune`` run with tensorized
 attention and ``retrieve > 0``, and records, in every layer, which far blocks each query head
-chose (``select_far_blocks`` of the torch backend). For each record stated beyond the exact window
+chose (``far_block_index`` of the torch backend). For each record stated beyond the exact window
 the query that predicts the code's first token is looked at: in how many (layer, head) pairs its
 choice held a block of ``retrieve_block`` slots overlapping the record's statement (**chosen
 share**). A missed record whose statement was rarely chosen is a choice failure (more or better
@@ -30,18 +30,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 class ChoiceRecorder:
-    """Wraps ``torch_backend.select_far_blocks``: keeps each call's ``(Hq, L, nb)`` choice (batch 1),
-    or only the query slots in ``rows`` (``(Hq, R, nb)``) when it is set."""
+    """Wraps ``torch_backend.far_block_index`` (arguments ``qs, ks, key_ok, opts, ...``): keeps each
+    call's ``(Hq, L, nb)`` choice as a mask (batch 1), or only the query slots in ``rows``
+    (``(Hq, R, nb)``) when it is set."""
 
     rows: torch.Tensor | None = None
 
     def __init__(self, choose):
         self.choose, self.calls = choose, []
 
-    def __call__(self, *args, **kwargs):
-        chosen = self.choose(*args, **kwargs)
-        self.calls.append((chosen[0] if self.rows is None else chosen[0][:, self.rows]).clone())
-        return chosen
+    def __call__(self, qs, ks, key_ok, opts, *rest):
+        from ctxext.attention.retrieve import index_mask
+
+        index = self.choose(qs, ks, key_ok, opts, *rest)
+        picked = index[0] if self.rows is None else index[0][:, self.rows]
+        self.calls.append(index_mask(picked, -(-ks.shape[2] // opts.retrieval_block)))
+        return index
 
 
 def far_blocks_of(span: tuple[int, int], m: int) -> list[int]:
@@ -155,9 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.run}: its recipe has no far-block retrieval (tensorized retrieve > 0)")
     model, tok = build_model(recipe, None)
     stream = held_out_tokens(tok, args.recall_blocks * args.length)
-    recorder = ChoiceRecorder(tb.select_far_blocks)
+    recorder = ChoiceRecorder(tb.far_block_index)
     result = {"run": str(args.run), "retrieve": opts.retrieve, "retrieve_block": opts.retrieval_block, "steps": {}}
-    tb.select_far_blocks = recorder
+    tb.far_block_index = recorder
     try:
         for step in (int(s) for s in args.steps.split(",")):
             if step:
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"(chosen share {_pct(s['missed']['chosen_share_mean'])}, {s['missed']['under_10pct']} under 10%)"
             )
     finally:
-        tb.select_far_blocks = recorder.choose
+        tb.far_block_index = recorder.choose
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:

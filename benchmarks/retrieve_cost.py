@@ -51,22 +51,25 @@ def union_sizes(model, ids: torch.Tensor) -> list[float]:
     import ctxext.attention.torch_backend as tb
 
     sizes: list[float] = []
-    choose = tb.select_far_blocks
+    from ctxext.attention.retrieve import index_mask
+
+    choose = tb.far_block_index
 
     def counting(qs, ks, key_ok, opts, n, *rest):
-        chosen = choose(qs, ks, key_ok, opts, n, *rest)  # (B, Hq, L, nb)
+        index = choose(qs, ks, key_ok, opts, n, *rest)
+        chosen = index_mask(index, -(-ks.shape[2] // opts.retrieval_block))  # (B, Hq, L, nb)
         b, hq, length, nb = chosen.shape
         m = opts.retrieval_block
         per_block = chosen.view(b, hq, length // m, m, nb).any(dim=(1, 3)).sum(-1).float()  # (B, L/m)
         sizes.append(per_block[:, 2:].mean().item() if per_block.shape[1] > 2 else 0.0)
-        return chosen
+        return index
 
-    tb.select_far_blocks = counting  # the name the torch backend calls
+    tb.far_block_index = counting  # the name the torch backend calls
     try:
         with torch.no_grad():
             model(ids, use_cache=False)
     finally:
-        tb.select_far_blocks = choose
+        tb.far_block_index = choose
     return sizes
 
 

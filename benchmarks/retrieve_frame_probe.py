@@ -40,7 +40,7 @@ def split_frames(choose: str, attend: str, gap: int = 0) -> None:
     from ctxext.attention.rope import rerotate
 
     frame_of = tb.selection_frame
-    select = tb.select_far_blocks
+    select = tb.far_block_index
     inputs: dict = {}
 
     def in_frame(frame: str):
@@ -59,7 +59,7 @@ def split_frames(choose: str, attend: str, gap: int = 0) -> None:
     def choosing(qs, ks, key_ok, opts, n, *rest):
         return select(*in_frame(choose), key_ok, opts, n, *rest)
 
-    tb.selection_frame, tb.select_far_blocks = attending, choosing
+    tb.selection_frame, tb.far_block_index = attending, choosing
 
 
 def main() -> None:

@@ -41,8 +41,9 @@ quality study: blocks of 64 recall more than blocks of 128, while a window of tw
 keeps perplexity). Far blocks are the blocks of ``m`` slots that end before the query's local
 range starts; in the axis frame their slots sit at ``o - m`` (stacked) or ``o - (r + 1) m``.
 
-Both the reference and the torch backend call :func:`select_far_blocks`, so they agree on
-the choice even at ties; they compute the attention independently. The Triton backend makes the
+Both the reference and the torch backend call :func:`far_block_index` (the reference through
+:func:`select_far_blocks`), so they agree on the choice even at ties; they compute the attention
+independently (the torch backend by :func:`read_chosen_blocks`). The Triton backend makes the
 same choice on fused kernels (:mod:`ctxext.attention.fused_choice`), the same blocks up to
 rounding of the scores and the order of ties.
 """
@@ -300,28 +301,52 @@ def exact_scores_by_block(
         part = slice(first, min(first + chunk, n_q))
         r = part.stop - part.start
         group = (head_group[:, :, None, None] + index[:, :, part]).flatten()  # (P,) key block of each pair
-        group_sorted, order = torch.sort(group, stable=True)
-        counts = torch.bincount(group_sorted, minlength=groups)  # (G,) pairs per key block
-        rank = torch.arange(order.numel(), device=dev) - (counts.cumsum(0) - counts)[group_sorted]
-        used = int((counts > 0).sum())
-        rows = min(128, max(16, math.ceil(order.numel() / used)))  # queries per tile
-        tiles = (counts + rows - 1) // rows  # (G,)
-        # the place of each sorted pair in the (T * rows) table of tiles
-        cell = ((tiles.cumsum(0) - tiles)[group_sorted] + torch.div(rank, rows, rounding_mode="floor")) * rows
-        cell += rank % rows
-        n_tiles = int(tiles.sum())
-        query = torch.zeros(n_tiles * rows, dtype=torch.long, device=dev)  # padding rows score query 0
-        query[cell] = torch.div(order, c, rounding_mode="floor")  # the pair's (batch, head, query) row
-        tile = torch.div(cell, rows, rounding_mode="floor")
-        tile_group = group_sorted.new_zeros(n_tiles).scatter_(0, tile, group_sorted)  # (T,) key block of each tile
-        q_tiles = qs[:, :, part].reshape(b * hq * r, d).index_select(0, query).view(n_tiles, rows, d)
-        k_tiles = keys_t.index_select(0, tile_group)  # (T, D, m)
-        qk = torch.baddbmm(bias.index_select(0, tile_group), q_tiles, k_tiles)  # (T, rows, m)
+        t = pair_tiles(group, groups, c)
+        q_tiles = qs[:, :, part].reshape(b * hq * r, d).index_select(0, t.query).view(t.n_tiles, t.rows, d)
+        k_tiles = keys_t.index_select(0, t.tile_group)  # (T, D, m)
+        qk = torch.baddbmm(bias.index_select(0, t.tile_group), q_tiles, k_tiles)  # (T, rows, m)
         best = qk.amax(dim=-1).flatten()  # (T * rows,)
-        pair = torch.empty(order.numel(), dtype=best.dtype, device=dev)
-        pair[order] = best[cell]
-        scores.append(pair.view(b, hq, r, c))
+        scores.append(best[t.at].view(b, hq, r, c))
     return torch.cat(scores, dim=2)
+
+
+class PairTiles(NamedTuple):
+    """(query, key block) pairs laid out in tiles of ``rows`` pairs that share one key block.
+
+    query: ``(n_tiles * rows,)`` the (batch, head, query) row of the pair in each place of the
+    table (row 0 on the padding at the end of a block's last tile); tile_group: ``(n_tiles,)`` the
+    key block of each tile; at: ``(P,)`` each pair's place in the table, in the pairs' own order.
+    """
+
+    query: torch.Tensor
+    tile_group: torch.Tensor
+    at: torch.Tensor
+    n_tiles: int
+    rows: int
+
+
+def pair_tiles(group: torch.Tensor, groups: int, per_query: int) -> PairTiles:
+    """Tiles of the pairs whose key blocks are ``group`` ``(P,)`` (in ``[0, groups)``), ``per_query``
+    consecutive pairs per query row: sorted by key block (stable), each block's pairs cut into tiles
+    of ``rows`` (16 to 128: fewer when the pairs spread thin over many blocks, to bound the padding)."""
+    dev = group.device
+    group_sorted, order = torch.sort(group, stable=True)
+    counts = torch.bincount(group_sorted, minlength=groups)  # (G,) pairs per key block
+    rank = torch.arange(order.numel(), device=dev) - (counts.cumsum(0) - counts)[group_sorted]
+    used = int((counts > 0).sum())
+    rows = min(128, max(16, math.ceil(order.numel() / used)))  # pairs per tile
+    tiles = (counts + rows - 1) // rows  # (G,)
+    # the place of each sorted pair in the (T * rows) table of tiles
+    cell = ((tiles.cumsum(0) - tiles)[group_sorted] + torch.div(rank, rows, rounding_mode="floor")) * rows
+    cell += rank % rows
+    n_tiles = int(tiles.sum())
+    query = torch.zeros(n_tiles * rows, dtype=torch.long, device=dev)  # padding rows: query row 0
+    query[cell] = torch.div(order, per_query, rounding_mode="floor")
+    tile = torch.div(cell, rows, rounding_mode="floor")
+    tile_group = group_sorted.new_zeros(n_tiles).scatter_(0, tile, group_sorted)  # (T,)
+    at = torch.empty_like(cell)
+    at[order] = cell
+    return PairTiles(query, tile_group, at, n_tiles, rows)
 
 
 def select_far_blocks(
@@ -334,9 +359,42 @@ def select_far_blocks(
 ) -> torch.Tensor:
     """:func:`far_block_index` as a mask: ``(B, Hq, Q, nb)`` bool, True for the chosen blocks."""
     index = far_block_index(qs, ks, key_ok, opts, n, q_slots)
-    nb = math.ceil(ks.shape[2] / opts.retrieval_block)
-    chosen = torch.zeros(*index.shape[:3], nb + 1, dtype=torch.bool, device=qs.device)
+    return index_mask(index, math.ceil(ks.shape[2] / opts.retrieval_block))
+
+
+def index_mask(index: torch.Tensor, nb: int) -> torch.Tensor:
+    """Block numbers ``(..., k)`` (``-1``: none) as a mask ``(..., nb)`` bool over the far blocks."""
+    chosen = torch.zeros(*index.shape[:-1], nb + 1, dtype=torch.bool, device=index.device)
     return chosen.scatter(-1, torch.where(index >= 0, index, nb), True)[..., :nb]  # -1 -> a dropped column
+
+
+# The chosen blocks are read over the union of 64 queries' choices while the far blocks number at
+# most this many times the blocks a query reads, else pair by pair (linear in the length). Measured
+# on the CPU (SmolLM2's heads, 8 blocks of 64 read, docs/RESULTS.md round 20): the union is 4x
+# faster at 32 far blocks (2k tokens), even at 64, and 3x / 23x slower at 128 / 256 (8k / 16k).
+READ_UNION_MAX_RATIO = 8
+
+
+def read_chosen_blocks(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    key_ok: torch.Tensor,
+    m: int,
+    softcap: float | None,
+    ordered_inv_freq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over its chosen far blocks, from :func:`far_block_index`'s ``index``.
+
+    Arguments and result as :func:`retrieved_attention` (``index`` for ``chosen``); the stacked
+    frame past ``READ_UNION_MAX_RATIO`` far blocks per block read goes pair by pair
+    (:func:`retrieved_attention_by_block`), everything else over the union.
+    """
+    nb = math.ceil(ks.shape[2] / m)
+    if ordered_inv_freq is None and nb > READ_UNION_MAX_RATIO * index.shape[-1]:
+        return retrieved_attention_by_block(qs, ks, v, index, key_ok, m, softcap)
+    return retrieved_attention(qs, ks, v, index_mask(index, nb), key_ok, m, softcap, ordered_inv_freq)
 
 
 def chosen_rank(chosen: torch.Tensor) -> torch.Tensor:
@@ -410,6 +468,77 @@ def retrieved_attention(
         outs.append(out.view(b, hq, r, d))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+# Reading the chosen blocks pair by pair keeps its tile tensors below this many elements (64 MiB
+# in float32; times score_budget.SCALE) by reading R queries at a time.
+READ_PAIR_BUDGET = 1 << 24
+
+
+def retrieved_attention_by_block(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    key_ok: torch.Tensor,
+    m: int,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieved_attention` in the stacked frame, from the choice as block numbers, linear in N.
+
+    qs: ``(B, Hq, Q, D)`` pre-scaled queries and ks ``(B, Hkv, L, D)`` keys in the selection frame;
+    v: ``(B, Hkv, L, D)``; index: ``(B, Hq, Q, k)`` long from :func:`far_block_index` (``-1``: none);
+    key_ok: ``(B, L)``. Returns the output ``(B, Hq, Q, D)`` and its log-sum-exp ``(B, Hq, Q)``
+    (zeros and ``-inf`` for a query that chose nothing), as :func:`retrieved_attention` does.
+
+    Each (query, chosen block) pair is one softmax over the block's ``m`` keys; the pairs, sorted by
+    key block, are cut into tiles that share their block's keys and values (:func:`pair_tiles`, as
+    the exact stage of the choice), and a query merges its ``k`` pairs by their log-sum-exp. Work
+    ``O(Q * k * m * D)``, where the union path's ``O(Q * U * m)`` scores grow with the union ``U`` of
+    64 queries' choices (most far blocks at 64k). Differentiable in qs, ks and v.
+    """
+    b, hq, n_q, d = qs.shape
+    hkv, length = ks.shape[1], ks.shape[2]
+    g, top, dev = hq // hkv, index.shape[-1], qs.device
+    nb = math.ceil(length / m)
+    pad = nb * m - length
+    groups = b * hkv * nb  # one key block per (batch row, key head, block)
+    keys_t = F.pad(ks, (0, 0, 0, pad)).reshape(groups, m, d).transpose(-1, -2)  # (G, D, m)
+    values = F.pad(v, (0, 0, 0, pad)).reshape(groups, m, d)  # (G, m, D)
+    bias = torch.zeros(b, nb * m, dtype=qs.dtype, device=dev).masked_fill(~F.pad(key_ok, (0, pad)), float("-inf"))
+    bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)  # -inf on keys not retrievable
+    head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
+    outs, lses = [], []
+    chunk = max(1, score_budget.budget(READ_PAIR_BUDGET) // max(1, b * hq * top * max(d, m)))
+    for first in range(0, n_q, chunk):
+        part = slice(first, min(first + chunk, n_q))
+        r = part.stop - part.start
+        idx = index[:, :, part]  # (B, Hq, R, k)
+        group = (head_group[:, :, None, None] + idx.clamp_min(0)).flatten()  # (P,) key block of each pair
+        t = pair_tiles(group, groups, top)
+        q_tiles = qs[:, :, part].reshape(b * hq * r, d).index_select(0, t.query).view(t.n_tiles, t.rows, d)
+        scores = torch.bmm(q_tiles, keys_t.index_select(0, t.tile_group))  # (T, rows, m)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        lse, out = _softmax_read(scores + bias.index_select(0, t.tile_group), values.index_select(0, t.tile_group))
+        pair_lse = lse.flatten()[t.at].view(b, hq, r, top).masked_fill(idx < 0, float("-inf"))
+        pair_out = out.reshape(-1, d)[t.at].view(b, hq, r, top, d)
+        lse_q, weight = _softmax_read(pair_lse, None)  # (B, Hq, R), (B, Hq, R, k)
+        outs.append((weight[..., None] * pair_out).sum(dim=-2))
+        lses.append(lse_q)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _softmax_read(scores: torch.Tensor, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp ``(...)`` of ``scores`` ``(..., S)`` and ``probs @ values`` ``(..., D)`` (the
+    probabilities themselves when ``values`` is None); a row of only ``-inf`` gives ``-inf`` and
+    zeros, with finite gradients (the row is replaced by zeros before the softmax)."""
+    some = torch.isfinite(scores).any(dim=-1, keepdim=True)
+    safe = torch.where(some, scores, 0.0)
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.exp(safe - lse) * some
+    read = probs if values is None else probs @ values
+    return torch.where(some, lse, float("-inf")).squeeze(-1), read
 
 
 def _ordered_scores(

@@ -9,7 +9,7 @@ the same attention as the torch backend up to rounding (DESIGN.md invariant 8).
 
 The sink stream costs ``O(L * sinks * D)``: it stays in PyTorch. The retrieved stream runs on
 the fused retrieval kernel (``ctxext._kernels.retrieve``) in the stacked frame and on
-:func:`ctxext.attention.retrieve.retrieved_attention` in the ordered frame.
+:func:`ctxext.attention.retrieve.read_chosen_blocks` in the ordered frame.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 
 from .options import TensorizedOptions
 from .retrieve import (
+    far_block_index,
     local_range_start,
     ordered_frame_freq,
+    read_chosen_blocks,
     retrievable_keys,
-    retrieved_attention,
-    select_far_blocks,
     selection_frame,
 )
 from .rope import rerotate
@@ -109,8 +109,8 @@ def retrieved_stream(
 
         index = choose(qs, ks, key_ok, opts, n, precision)
         return ta_retrieve(qs, ks, v, index, key_ok, m, float(scale), float(softcap or 0.0))
-    chosen = select_far_blocks(qs, ks, key_ok, opts, n)
-    return retrieved_attention(qs * scale, ks, v, chosen, key_ok, m, softcap, order)
+    index = far_block_index(qs, ks, key_ok, opts, n)
+    return read_chosen_blocks(qs * scale, ks, v, index, key_ok, m, softcap, order)
 
 
 __all__ = ["block_start", "local_range_start", "retrieved_stream", "sink_stream"]

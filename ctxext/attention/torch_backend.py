@@ -19,11 +19,11 @@ from . import score_budget
 from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
 from .retrieve import (
+    far_block_index,
     merge_streams,
     ordered_frame_freq,
+    read_chosen_blocks,
     retrievable_keys,
-    retrieved_attention,
-    select_far_blocks,
     selection_frame,
 )
 from .rope import rerotate
@@ -335,10 +335,9 @@ def torch_tensorized_attention(
     if opts.retrieve and len(axes) > 1:  # far blocks read exactly: chosen before the score scale
         qs, ks = selection_frame(q, k, positions, opts, inv_freq, axes[-1])
         key_ok = retrievable_keys(valid_slots, opts.sinks)
-        chosen = select_far_blocks(qs, ks, key_ok, opts, axes[-1])
+        index = far_block_index(qs, ks, key_ok, opts, axes[-1])
         order = ordered_frame_freq(opts, inv_freq)
-        m = opts.retrieval_block
-        retrieval = retrieved_attention(qs * scaling, ks, v, chosen, key_ok, m, softcap, order)
+        retrieval = read_chosen_blocks(qs * scaling, ks, v, index, key_ok, opts.retrieval_block, softcap, order)
     q = q * scaling  # fold the score scale into q once: O(N D), not O(N n)
     need_lse = (opts.merge != "score" and opts.long_range) or retrieval is not None
 

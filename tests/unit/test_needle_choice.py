@@ -34,10 +34,10 @@ def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
     script = load_benchmark("needle_choice")
     import ctxext.attention.torch_backend as tb
 
-    original = tb.select_far_blocks
+    original = tb.far_block_index
     model = str(_tiny_dir(tmp_path, 1))
     every = script.main([model, "--set", "retrieve=64", *ARGS, "--out", str(tmp_path / "a.json")])
-    assert tb.select_far_blocks is original, "the recorder is removed afterwards"
+    assert tb.far_block_index is original, "the recorder is removed afterwards"
     assert every["settings"] == {"retrieve": 64} and every["options"]["retrieve"] == 64, "--set takes effect"
     tokens = [t for s in every["samples"] for t in s["tokens"]]
     far = [t for t in tokens if t["far"]]

@@ -42,9 +42,9 @@ def test_every_eligible_block_chosen_gives_share_one_and_one_block_does_not(tmp_
     misses = _module()
     import ctxext.attention.torch_backend as tb
 
-    original = tb.select_far_blocks
+    original = tb.far_block_index
     all_blocks = misses.main([str(_run_dir(tmp_path, 64)), *ARGS, "--out", str(tmp_path / "all.json")])
-    assert tb.select_far_blocks is original, "the recorder is removed afterwards"
+    assert tb.far_block_index is original, "the recorder is removed afterwards"
     far = all_blocks["steps"]["0"]["rows"]
     assert far, "records stated beyond the window of 2 x 16 tokens"
 

@@ -83,14 +83,14 @@ def test_shape_changed_in_place_reaches_the_chooser(cost, monkeypatch):
     base = dict(getattr(model.config, CONFIG_KEY))
     ids = torch.randint(0, model.config.vocab_size, (1, 128))
     seen: list[tuple[int, int]] = []
-    choose = tb.select_far_blocks
+    choose = tb.far_block_index
 
     def recording(qs, ks, key_ok, opts, n, *rest):
-        chosen = choose(qs, ks, key_ok, opts, n, *rest)
-        seen.append((n, chosen.shape[-1]))
-        return chosen
+        index = choose(qs, ks, key_ok, opts, n, *rest)
+        seen.append((n, -(-ks.shape[2] // opts.retrieval_block)))
+        return index
 
-    monkeypatch.setattr(tb, "select_far_blocks", recording)
+    monkeypatch.setattr(tb, "far_block_index", recording)
     for label, settings in cost.shape_variants("16:1,8:2,16:2:8"):
         if not settings["retrieve"]:
             continue

@@ -13,7 +13,7 @@ import torch
 
 import ctxext.attention.torch_backend as tb
 from ctxext.attention.options import TensorizedOptions
-from ctxext.attention.retrieve import retrievable_keys, select_far_blocks, selection_frame
+from ctxext.attention.retrieve import far_block_index, retrievable_keys, selection_frame
 from ctxext.attention.rope import rerotate
 
 from ..benchmark_script import load_benchmark
@@ -26,16 +26,16 @@ L, N = 64, 8  # 8 blocks of 8: far blocks exist for most queries
 def probe(monkeypatch):
     """The probe's ``split_frames``, with the backend's names restored after the test; records
     what the attention over retrieved blocks receives."""
-    for name in ("selection_frame", "select_far_blocks"):
+    for name in ("selection_frame", "far_block_index"):
         monkeypatch.setattr(tb, name, getattr(tb, name))
     seen: dict = {}
-    attend = tb.retrieved_attention
+    attend = tb.read_chosen_blocks
 
-    def spy(qs, ks, v, chosen, *rest):
-        seen.update(qs=qs, ks=ks, chosen=chosen)
-        return attend(qs, ks, v, chosen, *rest)
+    def spy(qs, ks, v, index, *rest):
+        seen.update(qs=qs, ks=ks, chosen=index)
+        return attend(qs, ks, v, index, *rest)
 
-    monkeypatch.setattr(tb, "retrieved_attention", spy)
+    monkeypatch.setattr(tb, "read_chosen_blocks", spy)
     module = load_benchmark("retrieve_frame_probe")
     return module.split_frames, seen
 
@@ -55,7 +55,7 @@ def _expected(opts, q, k, inv, choose: str, attend: str):
         f: selection_frame(q, k, positions, dataclasses.replace(opts, rope=f), inv, N) for f in ("absolute", "axis")
     }
     key_ok = retrievable_keys(torch.ones(1, L, dtype=torch.bool), opts.sinks)
-    return frames[attend][1], select_far_blocks(*frames[choose], key_ok, opts, N)
+    return frames[attend][1], far_block_index(*frames[choose], key_ok, opts, N)
 
 
 @pytest.mark.parametrize("choose,attend", [("absolute", "axis"), ("axis", "absolute"), ("absolute", "absolute")])
