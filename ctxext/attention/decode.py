@@ -37,13 +37,13 @@ import torch
 
 from .options import TensorizedOptions
 from .retrieve import (
+    far_block_index,
     key_frame,
     merge_streams,
     ordered_frame_freq,
     query_frame,
+    read_chosen_blocks,
     retrievable_keys,
-    retrieved_attention,
-    select_far_blocks,
 )
 from .rope import rerotate
 from .slot_buffer import SlotBuffer
@@ -215,10 +215,10 @@ class _Step:
         ks = key_frame(k[None], self.positions(every)[None], self.opts, self.inv_freq)
         qs = query_frame(q[None], slots, self.positions(slots)[None], self.opts, self.inv_freq, n)
         key_ok = retrievable_keys(torch.ones(1, len(every), dtype=torch.bool, device=slots.device), self.opts.sinks)
-        chosen = select_far_blocks(qs, ks, key_ok, self.opts, n, q_slots=slots)
+        index = far_block_index(qs, ks, key_ok, self.opts, n, q_slots=slots)  # (1, Hq, Q, k)
         order = ordered_frame_freq(self.opts, self.inv_freq)
-        far, lse_far = retrieved_attention(
-            qs * self.geo.scaling, ks, v[None], chosen, key_ok, self.opts.retrieval_block, self.geo.softcap, order
+        far, lse_far = read_chosen_blocks(
+            qs * self.geo.scaling, ks, v[None], index, key_ok, self.opts.retrieval_block, self.geo.softcap, order
         )
         return merge_streams(C, lse_C, far[0], lse_far[0])
 

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import ctxext
+from ctxext.attention import retrieve
 from ctxext.attention.cache import TensorizedCacheError, TensorizedCacheLayer, cache_argument, cache_memory
 from ctxext.models import apply_tensorized
 
@@ -32,6 +33,10 @@ SETTINGS = {
     "retrieve-window-only": dict(block_sizes=(4,), long_range=False, sinks=2, local="window", retrieve=2),
     "retrieve-ordered": dict(
         block_sizes=(4,), rope="axis", sinks=1, local="window", retrieve=3, retrieve_frame="ordered"
+    ),
+    # 12 far blocks of 2 for 1 read: past READ_UNION_MAX_RATIO, so the far blocks are read pair by pair
+    "retrieve-pair-by-pair": dict(
+        block_sizes=(4,), sinks=1, local="window", long_range=False, retrieve=1, retrieve_block=2, retrieve_candidates=3
     ),
 }
 SCHEDULES = {"token-by-token": (1,), "uneven-chunks": (5, 1, 3), "prompt-then-tokens": (13, 1)}
@@ -256,3 +261,19 @@ def test_cache_layer_appends_in_place_and_follows_every_dynamic_layer_operation(
     k = torch.randn(4, 2, 2, 4, requires_grad=True)  # with autograd: DynamicLayer's concatenation
     keys, _ = ours.update(k, k)
     assert keys.requires_grad and ours._buffers is None
+
+
+def test_a_long_cached_prefill_reads_its_far_blocks_pair_by_pair(monkeypatch):
+    """The decode cache reads through the same dispatcher as a forward pass: many far blocks per
+    block read go pair by pair (the union path would be quadratic in a long chunked prefill)."""
+    calls = []
+    by_block = retrieve.retrieved_attention_by_block
+    monkeypatch.setattr(retrieve, "retrieved_attention_by_block", lambda *a: calls.append(a[0].shape) or by_block(*a))
+    model = _model(**SETTINGS["retrieve-pair-by-pair"])
+    ids, mask, positions = _inputs(N)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    forward_calls = len(calls)
+    cached, _ = _cached_logits(model, ids, mask, positions, (13, 1))
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    assert forward_calls > 0 and len(calls) > forward_calls, "the cached calls never read pair by pair"
