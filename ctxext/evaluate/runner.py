@@ -373,6 +373,7 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                 _free()
             bar.update(spec.docs - len(chosen))
             rows[str(length)] = cell
+            _announce(bar, label, "ppl", length, _ppl_text(cell))
     for task in retrieval:
         grid = report["tasks"][task][label] = {}
         misses = report["misses"][task][label] = []
@@ -402,6 +403,22 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                         _free()
                     bar.update(1)
                 row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
+                said = "OOM" if oom else f"{correct} / {spec.trials} right"
+                _announce(bar, label, task, length, f"depth {depth:g}: {said}")
+
+
+def _announce(bar, label: str, task: str, length: int, result: str) -> None:
+    """One line above the progress bar per finished cell, so a long run shows its results as they come."""
+    if not bar.disable:
+        bar.write(f"{label}  {task} at {length:,} tokens, {result}", file=bar.fp)
+
+
+def _ppl_text(cell: dict[str, Any]) -> str:
+    if cell.get("oom"):
+        return "OOM"
+    if cell.get("ppl") is None:
+        return "no document that long"
+    return f"perplexity {cell['ppl']:.2f} ({cell['docs']} doc{'s' if cell['docs'] != 1 else ''})"
 
 
 def mark_not_run(report: dict[str, Any], spec) -> None:

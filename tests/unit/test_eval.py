@@ -348,3 +348,25 @@ def test_sigterm_raises_keyboard_interrupt_only_inside_the_block():
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_each_finished_cell_is_printed_above_the_progress_bar(tmp_path, capsys):
+    spec = EvalSpec(
+        model=str(_tiny_dir(tmp_path)),
+        out=tmp_path / "eval",
+        lengths=[256, 512],
+        tasks=["ppl", "passkey"],
+        depths=[0.0, 1.0],
+        trials=2,
+        docs=1,
+    )
+    report = run(spec, progress=True)
+    err = capsys.readouterr().err
+    for n in (256, 512):
+        ppl = report["perplexity"]["tiny-ta"][str(n)]["ppl"]
+        assert f"tiny-ta  ppl at {n:,} tokens, perplexity {ppl:.2f} (1 doc)" in err
+        for depth in ("0", "1"):
+            right = round(report["tasks"]["passkey"]["tiny-ta"][str(n)][depth] * 2)
+            assert f"tiny-ta  passkey at {n:,} tokens, depth {depth}: {right} / 2 right" in err
+    run(EvalSpec(**{**spec.__dict__, "force": True}), progress=False)
+    assert "perplexity" not in capsys.readouterr().err  # no bar, no lines
