@@ -288,13 +288,9 @@ def exact_scores_by_block(
     the pairs spread thin over many blocks.
     """
     b, hq, n_q, d = qs.shape
-    hkv, nb = k_pad.shape[1], k_pad.shape[2] // m
-    g, c, dev = hq // hkv, index.shape[-1], qs.device
-    groups = b * hkv * nb  # one key block per (batch row, key head, block)
-    keys_t = k_pad.reshape(groups, m, d).transpose(-1, -2).contiguous()  # (G, D, m)
-    bias = torch.zeros(b, nb * m, dtype=qs.dtype, device=dev).masked_fill(~ok_pad, float("-inf"))
-    bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)  # -inf on keys not retrievable
-    head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
+    c = index.shape[-1]
+    keys_t, bias, head_group = _key_block_tables(k_pad, ok_pad, hq, m)
+    groups = keys_t.shape[0]
     scores = []
     chunk = max(1, score_budget.budget(EXACT_SCORE_BUDGET) // max(1, b * hq * c * max(d, m)))
     for first in range(0, n_q, chunk):
@@ -308,6 +304,23 @@ def exact_scores_by_block(
         best = qk.amax(dim=-1).flatten()  # (T * rows,)
         scores.append(best[t.at].view(b, hq, r, c))
     return torch.cat(scores, dim=2)
+
+
+def _key_block_tables(
+    k_pad: torch.Tensor, ok_pad: torch.Tensor, hq: int, m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The key blocks of ``k_pad`` ``(B, Hkv, nb * m, D)`` (padded to whole blocks; ``ok_pad``
+    ``(B, nb * m)``) as tiles for :func:`pair_tiles`: the keys ``(G, D, m)`` with ``G = B * Hkv *
+    nb`` (one per batch row, key head and block), a bias ``(G, 1, m)`` (``-inf`` on keys not
+    retrievable) and ``(B, Hq)`` the first group of each query head's (batch row, key head)."""
+    b, hkv, slots, d = k_pad.shape
+    nb, g, dev = slots // m, hq // hkv, k_pad.device
+    groups = b * hkv * nb
+    keys_t = k_pad.reshape(groups, m, d).transpose(-1, -2).contiguous()  # (G, D, m)
+    bias = torch.zeros(b, slots, dtype=k_pad.dtype, device=dev).masked_fill(~ok_pad, float("-inf"))
+    bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)
+    head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
+    return keys_t, bias, head_group
 
 
 class PairTiles(NamedTuple):
@@ -499,16 +512,11 @@ def retrieved_attention_by_block(
     64 queries' choices (most far blocks at 64k). Differentiable in qs, ks and v.
     """
     b, hq, n_q, d = qs.shape
-    hkv, length = ks.shape[1], ks.shape[2]
-    g, top, dev = hq // hkv, index.shape[-1], qs.device
-    nb = math.ceil(length / m)
-    pad = nb * m - length
-    groups = b * hkv * nb  # one key block per (batch row, key head, block)
-    keys_t = F.pad(ks, (0, 0, 0, pad)).reshape(groups, m, d).transpose(-1, -2)  # (G, D, m)
+    top = index.shape[-1]
+    pad = math.ceil(ks.shape[2] / m) * m - ks.shape[2]
+    keys_t, bias, head_group = _key_block_tables(F.pad(ks, (0, 0, 0, pad)), F.pad(key_ok, (0, pad)), hq, m)
+    groups = keys_t.shape[0]
     values = F.pad(v, (0, 0, 0, pad)).reshape(groups, m, d)  # (G, m, D)
-    bias = torch.zeros(b, nb * m, dtype=qs.dtype, device=dev).masked_fill(~F.pad(key_ok, (0, pad)), float("-inf"))
-    bias = bias.view(b, 1, nb, m).expand(b, hkv, nb, m).reshape(groups, 1, m)  # -inf on keys not retrievable
-    head_group = (torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None] // g) * nb
     outs, lses = [], []
     chunk = max(1, score_budget.budget(READ_PAIR_BUDGET) // max(1, b * hq * top * max(d, m)))
     for first in range(0, n_q, chunk):

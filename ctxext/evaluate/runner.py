@@ -403,8 +403,8 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                         _free()
                     bar.update(1)
                 row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
-                said = "OOM" if oom else f"{correct} / {spec.trials} right"
-                _announce(bar, label, task, length, f"depth {depth:g}: {said}")
+                result = "OOM" if oom else f"{correct} / {spec.trials} right"
+                _announce(bar, label, task, length, f"depth {depth:g}: {result}")
 
 
 def _announce(bar, label: str, task: str, length: int, result: str) -> None:
