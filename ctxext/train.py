@@ -15,13 +15,13 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from . import checkpointing
 from .atomic import atomic_directory
 from .attention import summary, transfer
 from .attention.context_parallel import context_parallel
@@ -309,8 +309,7 @@ def add_adapter(recipe: Recipe, model):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' checkpointing renames
+    with checkpointing.renames_quiet():
         model = get_peft_model(model, config)
     extra = extra_trainable_names(model, recipe.lora.trainable)
     for name, param in model.named_parameters():
@@ -339,11 +338,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def enable_checkpointing(model) -> None:
     """Gradient (activation) checkpointing on every decoder layer, non-reentrant."""
-    base = model.get_base_model()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    checkpointing.enable(model.get_base_model())
+    model.enable_input_require_grads()
 
 
 def make_scheduler(recipe: Recipe, optimizer):
@@ -464,8 +460,7 @@ def save_adapter(model, tokenizer, recipe: Recipe, out: Path) -> Path:
 def save_merged(model, tokenizer, out: Path) -> Path:
     from .models import save_model_dir
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
+    with checkpointing.renames_quiet():
         merged = model.merge_and_unload()
     return save_model_dir(merged, tokenizer, out, force=True)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import checkpointing
 from .measure import describe_error, measure, release
 from .methods import Method, method_problem
 from .profile import profile_cell
@@ -95,15 +96,10 @@ def _set_mode(model, mode: str) -> None:
         model.eval()
         return
     model.train()
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed these
-        if mode == "train+ckpt":
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        elif model.is_activation_checkpointing:
-            model.activation_checkpointing_disable()
-    elif mode == "train+ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif model.is_gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+    if mode == "train+ckpt":
+        checkpointing.enable(model)
+    else:
+        checkpointing.disable(model)
 
 
 def run(ctx) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import checkpointing
 from ..atomic import OutputExistsError, check_output_dir
 from ..interrupt import Interrupted
 
@@ -198,7 +199,8 @@ def _load_adapter(path: Path, settings: dict):
     restore_rope(model, settings)  # a rope-scaled fine-tune evaluates with the scaling it trained with
     if settings.get("attn_implementation") == "tensorized":
         apply_tensorized(model, TensorizedOptions.from_dict(settings["tensorized_attention"]))
-    model = PeftModel.from_pretrained(model, path)
+    with checkpointing.renames_quiet():  # peft reads the old name
+        model = PeftModel.from_pretrained(model, path)
     if (path / TRAINABLE_FILE).is_file():
         params = dict(model.named_parameters())
         with torch.no_grad():

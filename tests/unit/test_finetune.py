@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import ctxext.train as train_mod
+from ctxext import checkpointing
 from ctxext.cli import app
 from ctxext.data import DataError
 from ctxext.train import FinetuneError, NonFiniteLossError, finetune
@@ -105,7 +107,8 @@ def test_merge_writes_a_model_that_reloads_tensorized(tmp_path):
     base = tiny_model("llama")
     base.config.tensorized_attention = {"block_sizes": [16], "causal": "complete"}
     base.set_attn_implementation("tensorized")
-    peft_model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    with checkpointing.renames_quiet():
+        peft_model = PeftModel.from_pretrained(base, result.adapter_dir).eval()
     extra = load_file(str(result.adapter_dir / "ctxext_trainable.safetensors"))
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
@@ -281,3 +284,15 @@ def test_a_negative_max_minutes_is_named():
 
     with pytest.raises(config.RecipeError, match="train.max_minutes: must be >= 0"):
         config.load(TINY, ["train.max_minutes=-2"])
+
+
+def test_loading_an_adapter_for_evaluation_raises_no_checkpointing_rename_warning(tmp_path):
+    """peft reads ``model.is_gradient_checkpointing``, deprecated in transformers 5.2x: every ``ctxext
+    eval`` of an adapter printed a FutureWarning the user cannot act on."""
+    from ctxext.evaluate.runner import ModelEntry, load_entry
+
+    result = finetune(_recipe(tmp_path, "train.steps=1", "train.save_every=0"), log=lambda m: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_entry(ModelEntry(label="a", source=str(result.adapter_dir)), torch.device("cpu"))
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
