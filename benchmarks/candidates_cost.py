@@ -1,0 +1,121 @@
+"""What the two-stage far-block choice costs as its candidates grow: the torch backend's attention call
+with ``retrieve_candidates`` = C for several C, side by side, beside SDPA.
+
+    python benchmarks/candidates_cost.py --lengths 8k,16k,32k --candidates 0,32,64,128 --repeats 2 --threads 2 \
+        --out docs/bench/candidates_cost.json --plot docs/bench/candidates_cost.png
+
+Round 22 found the 2k-trained default model's needles lost at 32k with 32 candidates (the bound
+proposes 32 of 512 far blocks) and found with 128: this says what the larger choice costs. C = 0 is
+the bound alone. Shapes: one layer of SmolLM2-135M (9 query heads, 3 key heads, head dim 64),
+batch 1, float32, the shipped settings otherwise (4 sinks, a window of 2 x 128, 8 far blocks of 64);
+random q, k, v. Each cell is the median of ``--repeats`` calls, the settings interleaved within each
+repeat so that a noisy machine hits them alike. On a CPU only the ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from read_paths import HKV, HQ, OPTS, D, timed  # noqa: E402
+
+from ctxext.attention.torch_backend import torch_tensorized_attention  # noqa: E402
+from ctxext.bench.runner import parse_lengths  # noqa: E402
+
+
+def measure(length: int, candidates: list[int], repeats: int) -> dict:
+    """One row: seconds (medians) of SDPA and of the attention call at each candidate count."""
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, h, length, D, generator=gen) for h in (HQ, HKV, HKV))  # (1, H, N, D)
+    calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    for c in candidates:
+        opts = dataclasses.replace(OPTS, retrieve_candidates=c)
+        calls[f"c{c}"] = lambda opts=opts: torch_tensorized_attention(q, k, v, opts)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, call in calls.items():
+                times[name].append(timed(call))
+    row = {"n": length, "far_blocks": -(-length // OPTS.retrieval_block)}
+    row.update({f"{name}_s": statistics.median(t) for name, t in times.items()})
+    return row
+
+
+def table(rows: list[dict], candidates: list[int]) -> str:
+    base = next((c for c in candidates if c == OPTS.retrieve_candidates), candidates[0])
+    head = "| N | far blocks | SDPA s | " + " | ".join(f"C = {c} s" for c in candidates)
+    head += " | " + " | ".join(f"C = {c} / C = {base}" for c in candidates if c != base) + " |"
+    lines = [head, "|" + "---:|" * (3 + len(candidates) + len(candidates) - 1)]
+    for r in rows:
+        cells = [f"{r['n']:,}", str(r["far_blocks"]), f"{r['sdpa_s']:.3f}"]
+        cells += [f"{r[f'c{c}_s']:.3f}" for c in candidates]
+        cells += [f"{r[f'c{c}_s'] / r[f'c{base}_s']:.2f}x" for c in candidates if c != base]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], candidates: list[int], path: Path) -> None:
+    """Seconds against length, one line per candidate count and one for SDPA (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = [r["n"] for r in rows]
+    for name, label in [("sdpa", "SDPA (full attention)"), *((f"c{c}", f"C = {c}") for c in candidates)]:
+        ax.plot(lengths, [r[f"{name}_s"] for r in rows], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="seconds per attention call (one layer)")
+    ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+    ax.set_title("two-stage far-block choice: candidates against time (CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="8k,16k,32k")
+    ap.add_argument("--candidates", default="0,32,64,128", help="comma-separated retrieve_candidates (0: the bound)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of the rows")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG: seconds against length")
+    args = ap.parse_args(argv)
+    candidates = [int(c) for c in args.candidates.split(",")]
+    bad = [c for c in candidates if c != 0 and c < OPTS.retrieve]
+    if bad:
+        ap.error(f"--candidates: {bad} below retrieve = {OPTS.retrieve} (use 0 for the bound alone)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for length in parse_lengths(args.lengths):
+        rows.append(measure(length, candidates, args.repeats))
+        print(table(rows[-1:], candidates).splitlines()[-1], flush=True)
+    print(table(rows, candidates))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"command": "python benchmarks/candidates_cost.py " + " ".join(argv), "torch": torch.__version__}
+        rows_out = {"threads": torch.get_num_threads(), "candidates": candidates, "rows": rows}
+        args.out.write_text(json.dumps({**meta, **rows_out}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, candidates, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
