@@ -76,6 +76,7 @@ def plot(rows: list[dict], candidates: list[int], path: Path) -> None:
     for name, label in [("sdpa", "SDPA (full attention)"), *((f"c{c}", f"C = {c}") for c in candidates)]:
         ax.plot(lengths, [r[f"{name}_s"] for r in rows], marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="seconds per attention call (one layer)")
+    ax.minorticks_off()
     ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
     ax.set_title("two-stage far-block choice: candidates against time (CPU)")
     ax.grid(alpha=0.3)
