@@ -120,6 +120,14 @@ def convert(
             "Default: four times --retrieve."
         ),
     ] = None,
+    retrieve_candidate_share: Annotated[
+        float,
+        typer.Option(
+            help="Candidates as a share of each query's far blocks: the bound proposes max(--retrieve-candidates, "
+            "share x far blocks), so they grow with the length (0: off; 0.25 found 2 of 6 needles at 32k where 32 "
+            "candidates found none, quality study round 22). Costs a share of full attention's q.k products."
+        ),
+    ] = 0.0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -162,6 +170,7 @@ def convert(
             retrieve_block=default_retrieve_block(block_sizes, retrieve_block),
             retrieve_score_block=retrieve_score_block,
             retrieve_candidates=default_retrieve_candidates(retrieve, retrieve_candidates),
+            retrieve_candidate_share=retrieve_candidate_share,
             backend=backend,
         )
         errors = options.problems(where="option")
@@ -440,9 +449,10 @@ def evaluate(
         raise typer.Exit(subprocess.call(command, env={**os.environ, "CTXEXT_LAUNCHED": "1"}))
     from .evaluate.report import markdown
     from .interrupt import Interrupted, sigterm_as_interrupt
+    from .warning_lines import as_lines
 
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), as_lines():
             report = run(spec)
     except (EvalError, ModelSourceError, UnsupportedModelError, FileNotFoundError) as err:
         _fail(str(err))
@@ -657,6 +667,10 @@ def bench(
         int | None,
         typer.Option(help="Far blocks the bound proposes before the exact max q.k picks --retrieve (0: off)."),
     ] = None,
+    retrieve_candidate_share: Annotated[
+        float | None,
+        typer.Option(help="Candidates as a share of each query's far blocks (0: off; e.g. 0.25)."),
+    ] = None,
     grad_checkpointing: Annotated[
         str | None, typer.Option(help="Training step: off | on | both (default: off on CPU, on on CUDA).")
     ] = None,
@@ -693,6 +707,7 @@ def bench(
     options = {"causal": causal, "sinks": sinks, "local": local, "merge": merge, "rope": rope}
     options |= {"long_range": long_range, "retrieve": retrieve, "retrieve_block": retrieve_block}
     options |= {"retrieve_score_block": retrieve_score_block, "retrieve_candidates": retrieve_candidates}
+    options |= {"retrieve_candidate_share": retrieve_candidate_share}
     try:
         if block_sizes is not None:
             options["block_sizes"] = parse_block_sizes(block_sizes)

@@ -47,6 +47,8 @@ def unsupported_reason(opts: TensorizedOptions, dtype: torch.dtype, device: torc
         return f"the fused choice scores in float32, got {dtype}"
     if opts.retrieval_score_block != opts.retrieval_block:
         return "retrieve_score_block below the block is scored by the PyTorch choice"
+    if opts.retrieve_candidate_share:
+        return "retrieve_candidate_share: the fused kernels take one candidate count for every query"
     if max(opts.retrieve, opts.retrieve_candidates) > MAX_CANDIDATES:
         return f"more than {MAX_CANDIDATES} candidates"
     return None

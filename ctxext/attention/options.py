@@ -7,6 +7,7 @@ and are the keyword arguments of :func:`ctxext.tensorized_attention`.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,6 +18,11 @@ MERGE_MODES = ("score", "lse", "mass")
 SUMMARY_MODES = ("token", "pooled", "learned")
 RETRIEVE_FRAMES = ("stacked", "ordered")
 BACKENDS = ("auto", "triton", "torch", "reference")
+
+# ``length_advice`` warns when a query's far blocks outnumber its candidates by more than this. Measured
+# on the default model (quality study, rounds 21-22): 32 candidates of 252 far blocks (16k, 7.9x) found
+# 5 / 6 needles, of 508 (32k, 15.9x) none; two lengths, so the threshold sits between them.
+FAR_BLOCKS_PER_CANDIDATE = 8
 
 
 class TensorizedConfigError(ValueError):
@@ -61,6 +67,12 @@ class TensorizedOptions:
         over their keys picks the ``retrieve`` best of them (0: the bound chooses alone). At least
         ``retrieve``; the choice then equals the exact score's whenever the exact best blocks are
         among the candidates (quality study, round 13).
+    retrieve_candidate_share: candidates as a share of each query's far blocks (0: off): the bound
+        proposes ``max(retrieve_candidates, ceil(share * far blocks))``, at most all of them (1), so
+        the candidates grow with the length (quality study, round 22: at 32k, 32 of 512 far blocks
+        as candidates lost every needle, 128 found 2 of 6). The exact stage then costs a fixed share
+        of full attention's ``q . k`` products; the fused Triton choice takes a fixed count, so a
+        share makes the choice in PyTorch.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -77,6 +89,7 @@ class TensorizedOptions:
     retrieve_block: int = 0
     retrieve_score_block: int = 0
     retrieve_candidates: int = 0
+    retrieve_candidate_share: float = 0.0
     backend: str = "auto"
 
     @property
@@ -129,6 +142,29 @@ class TensorizedOptions:
                 "long_range=false (convert: no --long-range) to run past the native context"
             )
         return notes
+
+    def length_advice(self, length: int) -> str | None:
+        """A warning when a query at ``length`` tokens chooses its far blocks from too few candidates.
+
+        The last query's far blocks (of ``retrieval_block`` slots, before its local range) against
+        its candidates (:func:`ctxext.attention.retrieve.candidate_count`); None below
+        ``FAR_BLOCKS_PER_CANDIDATE`` far blocks per candidate, or without retrieval.
+        """
+        if not self.retrieve:
+            return None
+        n, m = self.inner_block, self.retrieval_block
+        start = (length - 1) // n * n - (n if self.local == "window" else 0)
+        far = max(0, start // m)
+        candidates = max(self.retrieve, self.retrieve_candidates, math.ceil(self.retrieve_candidate_share * far))
+        if far <= FAR_BLOCKS_PER_CANDIDATE * candidates:
+            return None
+        return (
+            f"at {length:,} tokens a query chooses its {self.retrieve} far blocks from {candidates} candidates of "
+            f"up to {far} far blocks; the default model found 5 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
+            "(32 of 508) and 2 / 6 with 128 candidates (quality study, round 22: docs/RESULTS.md); consider "
+            "--set retrieve_candidate_share=0.25 (candidates a quarter of the far blocks; slower: it scores a "
+            "quarter of full attention's q.k products)"
+        )
 
     def problems(self, where: str = "tensorized_attention") -> list[str]:
         """Every problem with these settings, as messages naming the key."""
@@ -200,6 +236,12 @@ class TensorizedOptions:
             errors.append(
                 f"{where}.retrieve_candidates: {rc} candidates cannot hold the {self.retrieve} blocks retrieved; "
                 f"use at least retrieve ({self.retrieve}), e.g. {4 * self.retrieve}, or 0"
+            )
+        share = self.retrieve_candidate_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            errors.append(
+                f"{where}.retrieve_candidate_share: expected a share of the far blocks from 0 (off) to 1 "
+                f"(every far block a candidate), e.g. 0.25, got {share!r}"
             )
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")

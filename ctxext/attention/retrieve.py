@@ -18,7 +18,10 @@ answer (quality study, round 12). With ``retrieve_candidates = C > k`` the choic
 stages: the bound proposes each query's ``C`` best far blocks, and the exact ``max q . k`` over
 their keys picks the ``k`` best of them; the choice is the exact score's whenever the exact best
 ``k`` blocks are among the candidates, and the exact stage reads ``C * m`` keys per query
-(linear in N for a fixed C; see :func:`exact_block_scores`).
+(linear in N for a fixed C; see :func:`exact_block_scores`). With ``retrieve_candidate_share = s``
+a query's candidates grow with its far blocks: ``max(C, ceil(s * far))`` (:func:`candidate_count`;
+round 22 of the quality study: 32 candidates of 512 far blocks lost every needle at 32k). The
+exact stage then reads a share ``s`` of each query's far keys: quadratic, like full attention.
 
 Positions: with ``rope="absolute"`` the retrieved keys keep the model's rotation (offsets as
 far as the block lies). With ``rope="axis"`` the query is moved to coordinate ``p - start``
@@ -187,7 +190,6 @@ def far_block_index(
     start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
     top = min(opts.retrieve, nb)
-    proposed = max(opts.retrieve_candidates, top)  # blocks the bound proposes (= top: it chooses alone)
     rows = max(1, score_budget.budget(SELECT_SCORE_BUDGET) // max(1, b * hq * nb * per))
     picks = []
     for first in range(0, n_q, rows):
@@ -199,13 +201,33 @@ def far_block_index(
         if per > 1:  # a block scores its best sub-block that holds keys
             bound = bound.masked_fill(~sub_keys[:, None, None, :], float("-inf")).view(b, hq, r, nb, per).amax(-1)
         eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
-        values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(proposed, nb), dim=-1)
+        proposed = candidate_count(opts, eligible.sum(-1), top)  # (B, 1, R): blocks the bound proposes
+        values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(int(proposed.max()), nb), dim=-1)
         if values.shape[-1] > top:  # two stages: the exact max q . k over the candidates' keys picks the top
+            rank = torch.arange(values.shape[-1], device=qs.device)
+            values = values.masked_fill(rank >= proposed[..., None], float("-inf"))  # each query's own count
             exact = exact_block_scores(qs[:, :, part], k_pad, ok_pad, index, m)
             values, best = exact.masked_fill(~torch.isfinite(values), float("-inf")).topk(top, dim=-1)
             index = index.gather(-1, best)
         picks.append(torch.where(torch.isfinite(values), index, -1))
     return torch.cat(picks, dim=2)
+
+
+def candidate_count(opts: TensorizedOptions, far_blocks: torch.Tensor, top: int) -> torch.Tensor:
+    """How many far blocks the bound proposes to each query: ``max(top, C, ceil(s * far_blocks))``.
+
+    far_blocks: long tensor (any shape), each query's eligible far blocks (they end before its local
+    range and hold a retrievable key: a count of its past only, so the choice stays causal and a
+    query chooses the same in a forward pass and in the decode cache); ``C = retrieve_candidates``,
+    ``s = retrieve_candidate_share``; top: the blocks read (:func:`far_block_index`'s ``top``).
+    Returns a long tensor of far_blocks' shape; ``top`` everywhere when the bound chooses alone.
+    """
+    fixed = max(opts.retrieve_candidates, top)
+    if not opts.retrieve_candidate_share:
+        return torch.full_like(far_blocks, fixed)
+    # float64 and a small slack: s * far = 32.0000001 must not propose 33 (s = 0.1 is not exact in binary)
+    shared = torch.ceil(far_blocks.double() * float(opts.retrieve_candidate_share) - 1e-9).long()
+    return shared.clamp_min(fixed)
 
 
 # The exact stage of a two-stage choice keeps its score tensors below this many elements

@@ -46,6 +46,8 @@ def markdown(report: dict[str, Any]) -> str:
         if attn == "tensorized" and ta:
             attn += " " + ", ".join(f"{k}={v}" for k, v in ta.items() if k != "backend")
         lines.append(f"| {m['label']} | `{m['source']}` | {attn} | {m['description']} |")
+    for m in report["models"]:
+        lines += [f"\n**Note on {m['label']}:** {note}" for note in m.get("advice", [])]
     if report["perplexity"]:
         p = proto["perplexity"]
         lines += ["", "## Perplexity against length", ""]

@@ -342,6 +342,7 @@ def _evaluate_entries(spec, entries, first: list, docs, retrieval, device, group
         bar.set_description(f"eval {entry.label}")
         report["models"][i]["attn_implementation"] = model.config._attn_implementation
         report["models"][i]["tensorized_attention"] = getattr(model.config, "tensorized_attention", None)
+        _advise_on_length(spec, report["models"][i])
         with layer_progress(model, enabled=not bar.disable):
             _score_model(spec, entry.label, model, tokenizer, docs, retrieval, group, bar, report)
         report["seconds"][entry.label] = round(time.time() - start, 1)
@@ -407,6 +408,19 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                 row[f"{depth:g}"] = "oom" if oom else correct / spec.trials
                 result = "OOM" if oom else f"{correct} / {spec.trials} right"
                 _announce(bar, label, task, length, f"depth {depth:g}: {result}")
+
+
+def _advise_on_length(spec, entry: dict[str, Any]) -> None:
+    """Warn (and note in the report) when the model's far-block choice is too narrow for the longest length."""
+    from ..attention.options import TensorizedOptions
+
+    settings = entry.get("tensorized_attention")
+    if entry.get("attn_implementation") != "tensorized" or not settings:
+        return
+    note = TensorizedOptions.from_dict(settings).length_advice(max(spec.lengths))
+    if note:
+        entry["advice"] = [note]
+        warnings.warn(f"{entry['label']}: {note}", UserWarning, stacklevel=2)
 
 
 def _announce(bar, label: str, task: str, length: int, result: str) -> None:

@@ -449,3 +449,19 @@ def test_choose_custom_op_registration_passes_opcheck():
     args = (q, k, key_ok, keys.kmax, keys.kmin, keys.has_keys, 4, 8, True, 2, 5, "ieee")
     assert (ta_choose(*args) >= 0).any()
     torch.library.opcheck(ta_choose, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_triton_backend_with_a_candidate_share_takes_the_pytorch_choice_and_matches_torch():
+    """``retrieve_candidate_share``: each query its own count, which the fused choice does not take; the
+    Triton backend then chooses in PyTorch and still reads the chosen blocks on its kernels."""
+    from ctxext.attention import fused_choice
+
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=61, dim=8, seed=37, dtype=torch.float32)
+    opts = dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, retrieve_candidates=2,
+                retrieve_candidate_share=0.5, rope="axis")  # fmt: skip
+    reason = fused_choice.unsupported_reason(oc.options((4,), **opts), torch.float32, q.device)
+    assert reason and "retrieve_candidate_share" in reason
+    got = oc.run_api("triton", q, k, v, (4,), opts)
+    oc.assert_close(got, oc.run_api("torch", q, k, v, (4,), opts), 2e-5, "candidate share on the kernels")
+    fixed = oc.run_api("torch", q, k, v, (4,), {**opts, "retrieve_candidate_share": 0.0})
+    assert (got - fixed).abs().max() > 1e-4, "the share must change the choice here, or this shows nothing"

@@ -5,6 +5,8 @@ independent to agree with. Sizes: far blocks of m slots, a causal window of 2n, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ctxext.attention.retrieve import retrievable_keys
@@ -62,10 +64,16 @@ def brute_force_top(qs, ks, key_ok, top: int, n: int, m: int, s: int) -> list[li
     return [[best(bound, bound, top) for bound, _ in head] for head in block_scores(qs, ks, key_ok, n, m, s)]
 
 
-def brute_force_two_stage(qs, ks, key_ok, top: int, proposed: int, n: int, m: int) -> list[list[list[int]]]:
-    """Two stages: the ``proposed`` best far blocks by the whole-block bound, then the ``top`` of those
+def brute_force_two_stage(
+    qs, ks, key_ok, top: int, proposed: int, n: int, m: int, share: float = 0.0
+) -> list[list[list[int]]]:
+    """Two stages: the ``proposed`` best far blocks by the whole-block bound (with ``share``: at least
+    ``ceil(share x`` the query's far blocks holding a retrievable key``)``), then the ``top`` of those
     with the largest exact ``max q . k``."""
     return [
-        [best(exact, sorted(bound, key=bound.get, reverse=True)[:proposed], top) for bound, exact in head]
+        [
+            best(exact, sorted(bound, key=bound.get, reverse=True)[: max(proposed, math.ceil(share * len(bound)))], top)
+            for bound, exact in head
+        ]
         for head in block_scores(qs, ks, key_ok, n, m, m)
     ]

@@ -4,6 +4,7 @@ fails before the long work; chunked perplexity equals one pass."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -370,3 +371,38 @@ def test_each_finished_cell_is_printed_above_the_progress_bar(tmp_path, capsys):
             assert f"tiny-ta  passkey at {n:,} tokens, depth {depth}: {right} / 2 right" in err
     run(EvalSpec(**{**spec.__dict__, "force": True}), progress=False)
     assert "perplexity" not in capsys.readouterr().err  # no bar, no lines
+
+
+def test_eval_warns_when_the_far_blocks_outnumber_the_candidates_at_the_longest_length(tmp_path):
+    """Rounds 21-22: 32 candidates of 252 far blocks found 5 / 6 needles at 16k, of 508 none at 32k. Blocks
+    of 8 reading 2 far blocks of 4 with 4 candidates: at 300 tokens a query has 72 far blocks (18 per
+    candidate): warned, in the report too; a share of a quarter (18 candidates) is not."""
+    import warnings
+
+    model_dir = _tiny_dir(tmp_path)
+    narrow = {"block_sizes": [8], "local": "window", "long_range": False, "retrieve": 2, "retrieve_block": 4,
+              "retrieve_candidates": 4}  # fmt: skip
+    spec = EvalSpec(model=str(model_dir), out=tmp_path / "narrow", lengths=[300, 100], tasks=["ppl"], docs=1,
+                    settings=narrow)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"tiny-ta .*: at 300 tokens .* from 4 candidates of up to 72 far blocks"):
+        report = run(spec, progress=False)
+    assert "retrieve_candidate_share=0.25" in report["models"][0]["advice"][0]
+    md = (tmp_path / "narrow" / "report.md").read_text()
+    assert "**Note on tiny-ta (" in md and ":** at 300 tokens" in md
+    spec.settings, spec.out = {**narrow, "retrieve_candidate_share": 0.25}, tmp_path / "shared"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*far blocks")
+        report = run(spec, progress=False)
+    assert "advice" not in report["models"][0]
+
+
+def test_the_cli_prints_ctxext_warnings_as_one_line(tmp_path):
+    """``ctxext eval`` shows its own warnings as ``warning: ...`` lines, not Python's ``path:line: UserWarning``."""
+    args = ["eval", str(_tiny_dir(tmp_path)), "--out", str(tmp_path / "e"), "--lengths", "300", "--tasks", "ppl",
+            "--docs", "1", "--set", "block_sizes=[8]", "--set", "local=window", "--set", "long_range=false",
+            "--set", "retrieve=2", "--set", "retrieve_block=4", "--set", "retrieve_candidates=4"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"(^|[\r\n])warning: tiny-ta \(", result.output), result.output  # tqdm clears its bar with \r
+    assert "from 4 candidates of up to 72" in result.output
+    assert "UserWarning" not in result.output, result.output

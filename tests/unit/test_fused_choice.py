@@ -24,6 +24,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object only: n
         ({}, torch.float64, "scores in float32, got torch.float64"),
         ({"retrieve_score_block": 4}, torch.float32, "retrieve_score_block below the block"),
         ({"retrieve_candidates": 65}, torch.float32, "more than 64 candidates"),
+        ({"retrieve_candidate_share": 0.25}, torch.float32, "one candidate count for every query"),
     ],
 )
 def test_settings_the_fused_choice_does_not_serve_say_why(change, dtype, reason):

@@ -61,11 +61,14 @@ def test_every_eligible_block_is_chosen_whatever_the_score():
 
 
 @pytest.mark.parametrize(
-    "choice", [{"retrieve_score_block": 1}, {"retrieve_candidates": 4}], ids=["exact-score", "two-stage"]
+    "choice",
+    [{"retrieve_score_block": 1}, {"retrieve_candidates": 4}, {"retrieve_candidate_share": 0.75}],
+    ids=["exact-score", "two-stage", "candidate-share"],
 )
 @pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
 def test_torch_matches_reference(rope, frame, choice):
-    """Also for the two-stage choice (``retrieve_candidates``, tests/unit/test_retrieve_candidates.py)."""
+    """Also for the two-stage choice (``retrieve_candidates``, tests/unit/test_retrieve_candidates.py) and
+    candidates as a share of the far blocks (tests/unit/test_retrieve_candidate_share.py)."""
     q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
     opts = {"rope": rope, "sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2,
             "retrieve_frame": frame, "retrieve_block": 4, **choice}  # fmt: skip
@@ -82,10 +85,14 @@ def test_torch_matches_reference(rope, frame, choice):
      ("retrieve_score_block", "2", "expected 0"),
      ("retrieve_candidates", 1, "1 candidates cannot hold the 2 blocks retrieved"),
      ("retrieve_candidates", -1, "expected 0"), ("retrieve_candidates", True, "expected 0"),
-     ("retrieve_candidates", "8", "expected 0")],
+     ("retrieve_candidates", "8", "expected 0"),
+     ("retrieve_candidate_share", 1.5, "expected a share"), ("retrieve_candidate_share", -0.25, "expected a share"),
+     ("retrieve_candidate_share", True, "expected a share"), ("retrieve_candidate_share", "0.25", "expected a share"),
+     ("retrieve_candidate_share", float("nan"), "expected a share")],
 )  # fmt: skip
 def test_a_bad_choice_setting_is_named(key, value, message):
-    """Also ``retrieve_candidates`` (tests/unit/test_retrieve_candidates.py)."""
+    """Also ``retrieve_candidates`` and ``retrieve_candidate_share`` (tests/unit/test_retrieve_candidates.py,
+    tests/unit/test_retrieve_candidate_share.py)."""
     with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{key}: {message}"):
         TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, key: value})
 
