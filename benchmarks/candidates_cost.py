@@ -1,8 +1,9 @@
 """What the two-stage far-block choice costs as its candidates grow: the torch backend's attention call
-with ``retrieve_candidates`` = C for several C, side by side, beside SDPA.
+with ``retrieve_candidates`` = C for several C, and with ``retrieve_candidate_share`` = s (candidates a
+share of each query's far blocks, at least the shipped 32) for several s, side by side, beside SDPA.
 
-    python benchmarks/candidates_cost.py --lengths 8k,16k,32k --candidates 0,32,64,128 --repeats 2 --threads 2 \
-        --out docs/bench/candidates_cost.json --plot docs/bench/candidates_cost.png
+    python benchmarks/candidates_cost.py --lengths 8k,16k,32k --candidates 0,32,64,128 --shares 0.25 \
+        --repeats 2 --threads 2 --out docs/bench/candidates_cost.json --plot docs/bench/candidates_cost.png
 
 Round 22 found the 2k-trained default model's needles lost at 32k with 32 candidates (the bound
 proposes 32 of 512 far blocks) and found with 128: this says what the larger choice costs. C = 0 is
@@ -33,14 +34,21 @@ from ctxext.attention.torch_backend import torch_tensorized_attention  # noqa: E
 from ctxext.bench.runner import parse_lengths  # noqa: E402
 
 
-def measure(length: int, candidates: list[int], repeats: int) -> dict:
-    """One row: seconds (medians) of SDPA and of the attention call at each candidate count."""
+def settings(candidates: list[int], shares: list[float]) -> dict[str, tuple[str, object]]:
+    """Column key -> (label, options): each fixed count C, then each share s over the shipped count."""
+    out = {f"c{c}": (f"C = {c}", dataclasses.replace(OPTS, retrieve_candidates=c)) for c in candidates}
+    for share in shares:
+        out[f"s{share:g}"] = (f"s = {share:g}", dataclasses.replace(OPTS, retrieve_candidate_share=share))
+    return out
+
+
+def measure(length: int, candidates: list[int], repeats: int, shares: list[float] = ()) -> dict:
+    """One row: seconds (medians) of SDPA and of the attention call at each candidate count and share."""
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, h, length, D, generator=gen) for h in (HQ, HKV, HKV))  # (1, H, N, D)
     calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
-    for c in candidates:
-        opts = dataclasses.replace(OPTS, retrieve_candidates=c)
-        calls[f"c{c}"] = lambda opts=opts: torch_tensorized_attention(q, k, v, opts)
+    for key, (_, opts) in settings(candidates, shares).items():
+        calls[key] = lambda opts=opts: torch_tensorized_attention(q, k, v, opts)
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         for _ in range(repeats):
@@ -51,21 +59,24 @@ def measure(length: int, candidates: list[int], repeats: int) -> dict:
     return row
 
 
-def table(rows: list[dict], candidates: list[int]) -> str:
-    base = next((c for c in candidates if c == OPTS.retrieve_candidates), candidates[0])
-    head = "| N | far blocks | SDPA s | " + " | ".join(f"C = {c} s" for c in candidates)
-    head += " | " + " | ".join(f"C = {c} / C = {base}" for c in candidates if c != base) + " |"
-    lines = [head, "|" + "---:|" * (3 + len(candidates) + len(candidates) - 1)]
+def table(rows: list[dict], candidates: list[int], shares: list[float] = ()) -> str:
+    """Seconds per setting, then each setting's time over the shipped count's (or the first count's)."""
+    columns = settings(candidates, shares)
+    base = f"c{OPTS.retrieve_candidates}" if OPTS.retrieve_candidates in candidates else f"c{candidates[0]}"
+    others = [key for key in columns if key != base]
+    head = ["N", "far blocks", "SDPA s", *(f"{label} s" for label, _ in columns.values())]
+    head += [f"{columns[key][0]} / {columns[base][0]}" for key in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
         cells = [f"{r['n']:,}", str(r["far_blocks"]), f"{r['sdpa_s']:.3f}"]
-        cells += [f"{r[f'c{c}_s']:.3f}" for c in candidates]
-        cells += [f"{r[f'c{c}_s'] / r[f'c{base}_s']:.2f}x" for c in candidates if c != base]
+        cells += [f"{r[f'{key}_s']:.3f}" for key in columns]
+        cells += [f"{r[f'{key}_s'] / r[f'{base}_s']:.2f}x" for key in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], candidates: list[int], path: Path) -> None:
-    """Seconds against length, one line per candidate count and one for SDPA (log-log)."""
+def plot(rows: list[dict], candidates: list[int], path: Path, shares: list[float] = ()) -> None:
+    """Seconds against length, one line per candidate count or share and one for SDPA (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,7 +84,11 @@ def plot(rows: list[dict], candidates: list[int], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     lengths = [r["n"] for r in rows]
-    for name, label in [("sdpa", "SDPA (full attention)"), *((f"c{c}", f"C = {c}") for c in candidates)]:
+    lines = [
+        ("sdpa", "SDPA (full attention)"),
+        *((key, label) for key, (label, _) in settings(candidates, shares).items()),
+    ]
+    for name, label in lines:
         ax.plot(lengths, [r[f"{name}_s"] for r in rows], marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="seconds per attention call (one layer)")
     ax.minorticks_off()
@@ -92,6 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="8k,16k,32k")
     ap.add_argument("--candidates", default="0,32,64,128", help="comma-separated retrieve_candidates (0: the bound)")
+    ap.add_argument(
+        "--shares", default="", help="comma-separated retrieve_candidate_share, each over the shipped count (e.g. 0.25)"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON of the rows")
@@ -101,20 +119,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [c for c in candidates if c != 0 and c < OPTS.retrieve]
     if bad:
         ap.error(f"--candidates: {bad} below retrieve = {OPTS.retrieve} (use 0 for the bound alone)")
+    shares = [float(x) for x in args.shares.split(",") if x.strip()]
+    if any(not 0 < x <= 1 for x in shares):
+        ap.error(f"--shares: {shares}: each a share of the far blocks in (0, 1], e.g. 0.25")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for length in parse_lengths(args.lengths):
-        rows.append(measure(length, candidates, args.repeats))
-        print(table(rows[-1:], candidates).splitlines()[-1], flush=True)
-    print(table(rows, candidates))
+        rows.append(measure(length, candidates, args.repeats, shares))
+        print(table(rows[-1:], candidates, shares).splitlines()[-1], flush=True)
+    print(table(rows, candidates, shares))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": "python benchmarks/candidates_cost.py " + " ".join(argv), "torch": torch.__version__}
-        rows_out = {"threads": torch.get_num_threads(), "candidates": candidates, "rows": rows}
+        rows_out = {"threads": torch.get_num_threads(), "candidates": candidates, "shares": shares, "rows": rows}
         args.out.write_text(json.dumps({**meta, **rows_out}, indent=2) + "\n")
     if args.plot:
-        plot(rows, candidates, args.plot)
+        plot(rows, candidates, args.plot, shares)
     return rows
 
 
