@@ -42,11 +42,9 @@ def test_a_share_chooses_as_the_brute_force_in_chunks_of_mixed_counts(monkeypatc
     assert got != narrow, "the share must change the choice somewhere, or this shows nothing"
 
 
-def test_the_whole_share_is_the_exact_score_and_a_small_one_is_the_fixed_count(exact_path):
+def test_a_small_share_is_the_fixed_count(exact_path):
+    """(The whole share is the exact score: tests/unit/test_retrieve_candidates.py.)"""
     qs, ks, key_ok = case(seed=1)
-    exact = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=1), 32)
-    every = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_candidate_share=1.0), 32)
-    assert as_sets(every) == as_sets(exact)
     fixed = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_candidates=4), 32)
     small = TensorizedOptions(**OPTS, retrieve_candidates=4, retrieve_candidate_share=0.1)  # ceil(0.1 x 10) = 1 < 4
     assert torch.equal(far_block_index(qs, ks, key_ok, small, 32), fixed)

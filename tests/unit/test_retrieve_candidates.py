@@ -41,8 +41,11 @@ def test_two_stages_choose_as_the_brute_force(monkeypatch, exact_path):
 def test_every_block_a_candidate_is_the_exact_score_and_retrieve_many_is_the_bound(exact_path):
     qs, ks, key_ok = case(seed=1)
     exact = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_score_block=1), 32)
-    every = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_candidates=100), 32)
-    assert as_sets(every) == as_sets(exact)
+    for every in (
+        {"retrieve_candidates": 100},
+        {"retrieve_candidate_share": 1.0},
+    ):  # the share: test_retrieve_candidate_share.py
+        assert as_sets(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, **every), 32)) == as_sets(exact), every
     bound = far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS), 32)
     assert torch.equal(far_block_index(qs, ks, key_ok, TensorizedOptions(**OPTS, retrieve_candidates=2), 32), bound)
     assert as_sets(bound) != as_sets(exact), "the bound must choose differently somewhere, or this shows nothing"
