@@ -468,9 +468,10 @@ def evaluate(
 
 
 def _print_eval_plan(spec, entries) -> None:
+    from .attention.options import TensorizedConfigError, TensorizedOptions
     from .evaluate.runner import estimate_memory_gib, planned_config
 
-    retrieval = [t for t in spec.tasks if t != "ppl"]
+    retrieval, advice = [t for t in spec.tasks if t != "ppl"], []
     table = Table(title="Planned evaluation (estimates, per model)")
     for col in ("model", "length", "forward passes", "tokens", "est. peak memory"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -484,7 +485,16 @@ def _print_eval_plan(spec, entries) -> None:
             passes = (spec.docs if "ppl" in spec.tasks else 0) + len(retrieval) * len(spec.depths) * spec.trials
             mem = estimate_memory_gib(config, n, ta)
             table.add_row(entry.label, str(n), str(passes), f"{passes * n:,}", _gib(sum(mem.values())))
+        if ta:
+            advice.append((entry.label, ta))
     console.print(table)
+    for label, ta in advice:  # what `eval` would warn about at the longest length
+        try:
+            note = TensorizedOptions.from_dict(ta, where="--set").length_advice(max(spec.lengths))
+        except TensorizedConfigError as err:
+            note = str(err)
+        if note:
+            err_console.print(f"warning: {label}: {note}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

@@ -277,6 +277,10 @@ def test_dry_run_plans_an_adapter_with_its_base_config_and_trained_settings(tmp_
     result = runner.invoke(app, ["eval", str(adapter), "--out", str(tmp_path / "x"), "--lengths", "1k", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "unavailable" not in result.output and "1024" in result.output, result.output
+    # 2 far blocks read of 31 (blocks of 32 before the query's own), chosen by the bound alone: warned as eval would
+    assert "warning: adapter: at 1,024 tokens a query chooses its 2 far blocks from 2 candidates of up to 31" in (
+        " ".join(result.output.split())
+    )
 
 
 def test_set_rope_axis_on_a_model_with_outer_hops_warns(tmp_path):
