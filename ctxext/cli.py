@@ -124,8 +124,9 @@ def convert(
         float,
         typer.Option(
             help="Candidates as a share of each query's far blocks: the bound proposes max(--retrieve-candidates, "
-            "share x far blocks), so they grow with the length (0: off; 0.25 found 2 of 6 needles at 32k where 32 "
-            "candidates found none, quality study round 22). Costs a share of full attention's q.k products."
+            "share x far blocks), so they grow with the length (0: off). At 32k, 32 candidates found no needle and "
+            "128 (a quarter of the far blocks) 2 of 6 (quality study, round 22). Costs a share of full attention's "
+            "q.k products."
         ),
     ] = 0.0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",

@@ -7,7 +7,6 @@ and are the keyword arguments of :func:`ctxext.tensorized_attention`.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -152,10 +151,13 @@ class TensorizedOptions:
         """
         if not self.retrieve:
             return None
-        n, m = self.inner_block, self.retrieval_block
-        start = (length - 1) // n * n - (n if self.local == "window" else 0)
-        far = max(0, start // m)
-        candidates = max(self.retrieve, self.retrieve_candidates, math.ceil(self.retrieve_candidate_share * far))
+        import torch
+
+        from .retrieve import candidate_count, local_range_start  # they import this module
+
+        start = local_range_start(torch.tensor(length - 1), self.inner_block, self.local == "window")
+        far = int(start) // self.retrieval_block  # every block before the local range (sinks' too: "up to")
+        candidates = int(candidate_count(self, torch.tensor(far), self.retrieve))
         if far <= FAR_BLOCKS_PER_CANDIDATE * candidates:
             return None
         return (
