@@ -97,7 +97,8 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts) -> dict:
 
 
 def summary(samples: list[dict]) -> dict:
-    """Per length: needles passed, far answer tokens right, and the chosen share of right / wrong ones."""
+    """Per length: needles passed, numbers read to every digit (None for JSONs from before round 23),
+    far answer tokens right, and the chosen share of right / wrong ones."""
     out = {}
     for length in sorted({s["length"] for s in samples}):
         group = [s for s in samples if s["length"] == length]
@@ -107,6 +108,7 @@ def summary(samples: list[dict]) -> dict:
         out[str(length)] = {
             "needles": len(group),
             "passed": sum(s["correct"] for s in group),
+            "numbers_read": sum(s["number_read"] for s in group) if all("number_read" in s for s in group) else None,
             "far_tokens": len(far),
             "far_tokens_right": len(right),
             "chosen_share_right": float(np.mean(right)) if right else None,
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for seed in (int(x) for x in args.seeds.split(",")):
                     sample = make_sample("needle", tok, length, depth, seed)
                     scored = {"seed": seed, **score_sample(model, sample, recorder, opts)}
+                    # the digits alone: a needle "missed" for a newline where it has a space (round 23) reads here
+                    scored["number_read"] = tok.decode(scored["predicted"]).strip() == sample.answer
                     result["samples"].append(scored)
                     far = [t for t in scored["tokens"] if t["far"]]
                     print(
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["summary"] = summary(result["samples"])
     for length, s in result["summary"].items():
         print(
-            f"{length}: {s['passed']}/{s['needles']} needles; "
+            f"{length}: {s['passed']}/{s['needles']} needles ({s['numbers_read']} numbers read to every digit); "
             f"far tokens right {s['far_tokens_right']}/{s['far_tokens']}, "
             f"chosen share right {_pct(s['chosen_share_right'])}, wrong {_pct(s['chosen_share_wrong'])} "
             f"({s['wrong_under_10pct']} wrong under 10%)"

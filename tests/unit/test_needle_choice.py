@@ -57,6 +57,7 @@ def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
     summary = saved["summary"]["1024"]
     assert summary["needles"] == 2 and summary["far_tokens"] == len(far)
     assert summary["far_tokens_right"] == sum(t["correct"] for s in one["samples"] for t in s["tokens"] if t["far"])
+    assert summary["numbers_read"] == sum(s["number_read"] for s in one["samples"]) >= summary["passed"]
     assert (tmp_path / "p.png").stat().st_size > 1000
     drawn = script.main(["--overlay", f"every={tmp_path / 'a.json'}", f"one={tmp_path / 'b.json'}",
                          "--plot", str(tmp_path / "o.png")])  # fmt: skip
@@ -92,3 +93,18 @@ def test_the_exact_score_finds_at_least_what_the_bound_finds_with_one_block(tmp_
     assert exact["options"]["retrieve_score_block"] == 1 and "retrieve_score_block=1" in exact["label"]
     shares = [[t["chosen_share"] for s in r["samples"] for t in s["tokens"]] for r in (bound, exact)]
     assert shares[0] != shares[1], "another score must change which blocks are chosen"
+
+
+def test_a_number_read_after_a_newline_counts_as_read_not_passed():
+    """Round 23: at 32k answers start with a newline where the needle has a space; the digits are counted apart."""
+    script = load_benchmark("needle_choice")
+    token = {"far": True, "correct": True, "chosen_share": 0.2}
+    samples = [
+        {"length": 8, "correct": True, "number_read": True, "tokens": [token]},
+        {"length": 8, "correct": False, "number_read": True, "tokens": [{**token, "correct": False}]},
+        {"length": 8, "correct": False, "number_read": False, "tokens": [{**token, "correct": False}]},
+    ]
+    got = script.summary(samples)["8"]
+    assert (got["needles"], got["passed"], got["numbers_read"], got["far_tokens_right"]) == (3, 1, 2, 1)
+    old = [{k: v for k, v in s.items() if k != "number_read"} for s in samples]  # a JSON from before round 23
+    assert script.summary(old)["8"]["numbers_read"] is None
