@@ -469,8 +469,8 @@ def evaluate(
 
 
 def _print_eval_plan(spec, entries) -> None:
-    from .attention.options import TensorizedConfigError, TensorizedOptions
-    from .evaluate.runner import estimate_memory_gib, planned_config
+    from .attention.options import TensorizedConfigError
+    from .evaluate.runner import estimate_memory_gib, length_note, planned_config
 
     retrieval, advice = [t for t in spec.tasks if t != "ppl"], []
     table = Table(title="Planned evaluation (estimates, per model)")
@@ -491,7 +491,7 @@ def _print_eval_plan(spec, entries) -> None:
     console.print(table)
     for label, ta in advice:  # what `eval` would warn about at the longest length
         try:
-            note = TensorizedOptions.from_dict(ta, where="--set").length_advice(max(spec.lengths))
+            note = length_note(ta, spec.lengths, where="--set")
         except TensorizedConfigError as err:
             note = str(err)
         if note:

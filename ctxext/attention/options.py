@@ -18,11 +18,6 @@ SUMMARY_MODES = ("token", "pooled", "learned")
 RETRIEVE_FRAMES = ("stacked", "ordered")
 BACKENDS = ("auto", "triton", "torch", "reference")
 
-# ``length_advice`` warns when a query's far blocks outnumber its candidates by more than this. Measured
-# on the default model (quality study, rounds 21-22): 32 candidates of 252 far blocks (16k, 7.9x) found
-# 5 / 6 needles, of 508 (32k, 15.9x) none; two lengths, so the threshold sits between them.
-FAR_BLOCKS_PER_CANDIDATE = 8
-
 
 class TensorizedConfigError(ValueError):
     """Invalid tensorized-attention settings; the message lists every problem at once."""
@@ -141,32 +136,6 @@ class TensorizedOptions:
                 "long_range=false (convert: no --long-range) to run past the native context"
             )
         return notes
-
-    def length_advice(self, length: int) -> str | None:
-        """A warning when a query at ``length`` tokens chooses its far blocks from too few candidates.
-
-        The last query's far blocks (of ``retrieval_block`` slots, before its local range) against
-        its candidates (:func:`ctxext.attention.retrieve.candidate_count`); None below
-        ``FAR_BLOCKS_PER_CANDIDATE`` far blocks per candidate, or without retrieval.
-        """
-        if not self.retrieve:
-            return None
-        import torch
-
-        from .retrieve import candidate_count, local_range_start  # they import this module
-
-        start = local_range_start(torch.tensor(length - 1), self.inner_block, self.local == "window")
-        far = int(start) // self.retrieval_block  # every block before the local range (sinks' too: "up to")
-        candidates = int(candidate_count(self, torch.tensor(far), self.retrieve))
-        if far <= FAR_BLOCKS_PER_CANDIDATE * candidates:
-            return None
-        return (
-            f"at {length:,} tokens a query chooses its {self.retrieve} far blocks from {candidates} candidates of "
-            f"up to {far} far blocks; the default model found 5 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
-            "(32 of 508) and 2 / 6 with 128 candidates (quality study, round 22: docs/RESULTS.md); consider "
-            "--set retrieve_candidate_share=0.25 (candidates a quarter of the far blocks; slower: it scores a "
-            "quarter of full attention's q.k products)"
-        )
 
     def problems(self, where: str = "tensorized_attention") -> list[str]:
         """Every problem with these settings, as messages naming the key."""

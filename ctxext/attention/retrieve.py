@@ -190,6 +190,7 @@ def far_block_index(
     start = local_range_start(q_slots, n, opts.local == "window")
     block_end = (torch.arange(nb, device=qs.device) + 1) * m
     top = min(opts.retrieve, nb)
+    fixed, shared = max(opts.retrieve_candidates, top), bool(opts.retrieve_candidate_share)
     rows = max(1, score_budget.budget(SELECT_SCORE_BUDGET) // max(1, b * hq * nb * per))
     picks = []
     for first in range(0, n_q, rows):
@@ -201,11 +202,15 @@ def far_block_index(
         if per > 1:  # a block scores its best sub-block that holds keys
             bound = bound.masked_fill(~sub_keys[:, None, None, :], float("-inf")).view(b, hq, r, nb, per).amax(-1)
         eligible = (block_end[None, :] <= start[part, None])[None, None] & has_keys[:, None, None, :]
-        proposed = candidate_count(opts, eligible.sum(-1), top)  # (B, 1, R): blocks the bound proposes
-        values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(int(proposed.max()), nb), dim=-1)
+        width = fixed  # blocks the bound proposes (= top: it chooses alone)
+        if shared:  # each query its own count, (B, 1, R); the widest read on the host (one sync per chunk)
+            proposed = candidate_count(opts, eligible.sum(-1), top)
+            width = int(proposed.max())
+        values, index = bound.masked_fill(~eligible, float("-inf")).topk(min(width, nb), dim=-1)
         if values.shape[-1] > top:  # two stages: the exact max q . k over the candidates' keys picks the top
-            rank = torch.arange(values.shape[-1], device=qs.device)
-            values = values.masked_fill(rank >= proposed[..., None], float("-inf"))  # each query's own count
+            if shared:  # a query keeps only its own count of the chunk's widest proposal
+                rank = torch.arange(values.shape[-1], device=qs.device)
+                values = values.masked_fill(rank >= proposed[..., None], float("-inf"))
             exact = exact_block_scores(qs[:, :, part], k_pad, ok_pad, index, m)
             values, best = exact.masked_fill(~torch.isfinite(values), float("-inf")).topk(top, dim=-1)
             index = index.gather(-1, best)
@@ -228,6 +233,35 @@ def candidate_count(opts: TensorizedOptions, far_blocks: torch.Tensor, top: int)
     # float64 and a small slack: s * far = 32.0000001 must not propose 33 (s = 0.1 is not exact in binary)
     shared = torch.ceil(far_blocks.double() * float(opts.retrieve_candidate_share) - 1e-9).long()
     return shared.clamp_min(fixed)
+
+
+# ``length_advice`` warns when a query's far blocks outnumber its candidates by more than this. Measured
+# on the default model (quality study, rounds 21-22): 32 candidates of 252 far blocks (16k, 7.9x) found
+# 5 / 6 needles, of 508 (32k, 15.9x) none; two lengths, so the threshold sits between them.
+FAR_BLOCKS_PER_CANDIDATE = 8
+
+
+def length_advice(opts: TensorizedOptions, length: int) -> str | None:
+    """A warning when a query at ``length`` tokens chooses its far blocks from too few candidates.
+
+    The last query's far blocks (of ``retrieval_block`` slots, before its local range) against its
+    candidates (:func:`candidate_count`); None up to ``FAR_BLOCKS_PER_CANDIDATE`` far blocks per
+    candidate, or without retrieval.
+    """
+    if not opts.retrieve:
+        return None
+    start = local_range_start(torch.tensor(length - 1), opts.inner_block, opts.local == "window")
+    far = int(start) // opts.retrieval_block  # every block before the local range (sinks' too: "up to")
+    candidates = int(candidate_count(opts, torch.tensor(far), opts.retrieve))
+    if far <= FAR_BLOCKS_PER_CANDIDATE * candidates:
+        return None
+    return (
+        f"at {length:,} tokens a query chooses its {opts.retrieve} far blocks from {candidates} candidates of "
+        f"up to {far} far blocks; the default model found 5 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
+        "(32 of 508) and 2 / 6 with 128 candidates (quality study, round 22: docs/RESULTS.md); consider "
+        "--set retrieve_candidate_share=0.25 (candidates a quarter of the far blocks; slower: it scores a "
+        "quarter of full attention's q.k products)"
+    )
 
 
 # The exact stage of a two-stage choice keeps its score tensors below this many elements

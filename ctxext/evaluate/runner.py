@@ -410,14 +410,21 @@ def _score_model(spec, label: str, model, tokenizer, docs, retrieval, group, bar
                 _announce(bar, label, task, length, f"depth {depth:g}: {result}")
 
 
+def length_note(settings: dict, lengths: list[int], where: str = "tensorized_attention") -> str | None:
+    """:func:`ctxext.attention.retrieve.length_advice` for tensorized ``settings`` at the longest of
+    ``lengths``; raises ``TensorizedConfigError`` for invalid settings (named as ``where``)."""
+    from ..attention.options import TensorizedOptions
+    from ..attention.retrieve import length_advice
+
+    return length_advice(TensorizedOptions.from_dict(settings, where=where), max(lengths))
+
+
 def _advise_on_length(spec, entry: dict[str, Any]) -> None:
     """Warn (and note in the report) when the model's far-block choice is too narrow for the longest length."""
-    from ..attention.options import TensorizedOptions
-
     settings = entry.get("tensorized_attention")
     if entry.get("attn_implementation") != "tensorized" or not settings:
         return
-    note = TensorizedOptions.from_dict(settings).length_advice(max(spec.lengths))
+    note = length_note(settings, spec.lengths)
     if note:
         entry["advice"] = [note]
         warnings.warn(f"{entry['label']}: {note}", UserWarning, stacklevel=2)
