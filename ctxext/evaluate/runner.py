@@ -420,14 +420,17 @@ def length_note(settings: dict, lengths: list[int], where: str = "tensorized_att
 
 
 def _advise_on_length(spec, entry: dict[str, Any]) -> None:
-    """Warn (and note in the report) when the model's far-block choice is too narrow for the longest length."""
+    """Warn (and note in the report) when the model's far-block choice is too narrow for the longest length.
+
+    Under context parallelism every rank notes it, and only rank 0 warns (one line, not one per rank)."""
     settings = entry.get("tensorized_attention")
     if entry.get("attn_implementation") != "tensorized" or not settings:
         return
     note = length_note(settings, spec.lengths)
     if note:
         entry["advice"] = [note]
-        warnings.warn(f"{entry['label']}: {note}", UserWarning, stacklevel=2)
+        if _rank() == 0:
+            warnings.warn(f"{entry['label']}: {note}", UserWarning, stacklevel=2)
 
 
 def _announce(bar, label: str, task: str, length: int, result: str) -> None:

@@ -400,6 +400,25 @@ def test_eval_warns_when_the_far_blocks_outnumber_the_candidates_at_the_longest_
     assert "advice" not in report["models"][0]
 
 
+def test_only_rank_zero_warns_about_the_candidates(tmp_path, monkeypatch):
+    """Under context parallelism every rank runs the advice; one warning, not one per rank, and each notes it."""
+    import warnings
+
+    from ctxext.evaluate import runner
+
+    narrow = {"block_sizes": [8], "local": "window", "long_range": False, "retrieve": 2, "retrieve_block": 4,
+              "retrieve_candidates": 4}  # fmt: skip
+    spec = EvalSpec(model="x", out=tmp_path / "r", lengths=[300], tasks=["ppl"], settings=narrow)
+    for rank, warns in ((1, False), (0, True)):
+        monkeypatch.setattr(runner, "_rank", lambda rank=rank: rank)
+        entry = {"label": "tiny-ta", "attn_implementation": "tensorized", "tensorized_attention": narrow}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runner._advise_on_length(spec, entry)
+        assert "from 4 candidates of up to 72 far blocks" in entry["advice"][0]
+        assert [str(w.message).startswith("tiny-ta: at 300 tokens") for w in caught] == ([True] if warns else [])
+
+
 def test_the_cli_prints_ctxext_warnings_as_one_line(tmp_path):
     """``ctxext eval`` shows its own warnings as ``warning: ...`` lines, not Python's ``path:line: UserWarning``."""
     args = ["eval", str(_tiny_dir(tmp_path)), "--out", str(tmp_path / "e"), "--lengths", "300", "--tasks", "ppl",
