@@ -9,7 +9,8 @@ the tokens from 64k to 128k alone; that holds when the longer pass scores the pr
 shorter one did. Attention that is causal at every length does (a token sees only its past);
 what may still differ is float rounding that depends on the pass's shapes, and in a model that
 chooses its far blocks, a near-tie that the rounding flips. This measures the difference; run it
-again with ``--set retrieve=0`` (no far blocks) to see what the choice adds. The document is the
+again with ``--set retrieve=0`` (no far blocks) to see what the choice adds, and with ``--float64``
+to see how much of it is float32 rounding. The document is the
 first held-out one long enough (``pydoc_data/topics.py`` by default; ``--text`` another file).
 """
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--long", default="8k", help="the longer pass's length")
     ap.add_argument("--text", type=Path, help="the document (default: the standard library's pydoc_data/topics.py)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--float64", action="store_true", help="run the model in float64 (default: float32)")
     ap.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = ap.parse_args(argv)
 
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     settings = parse_settings(args.settings)
     model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
+    dtype = torch.float64 if args.float64 else torch.float32
+    model = model.to(dtype)
     ids = tok(text_path.read_text(), add_special_tokens=False)["input_ids"][:long]
     if len(ids) < long:
         ap.error(f"{text_path} has {len(ids)} tokens, fewer than --long {long}")
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         short_nll = sequence_nll(model, x[:, :short])[0]  # (short - 1,)
         long_nll = sequence_nll(model, x)[0]  # (long - 1,)
-    result = {"model": args.model, "settings": settings, "text": str(text_path), "short": short, "long": long}
+    result = {"model": args.model, "settings": settings, "text": str(text_path), "short": short, "long": long,
+              "dtype": str(dtype).removeprefix("torch.")}
     result |= compare(short_nll, long_nll)
     print(json.dumps(result, indent=1))
     if args.out:

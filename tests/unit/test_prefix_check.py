@@ -47,6 +47,11 @@ def test_a_causal_model_scores_the_prefix_alike_in_a_longer_pass(tmp_path, capsy
     assert result["nll_sum_short"] > 0
     assert json.loads(out.read_text()) == result
     assert '"tokens": 95' in capsys.readouterr().out
+    assert result["dtype"] == "float32"
+    wide = load_benchmark("prefix_check").main(args[:-2] + ["--float64"])
+    assert wide["dtype"] == "float64"
+    assert wide["max_abs_diff"] < 1e-10, wide  # no float32 rounding left to differ by
+    assert wide["nll_sum_short"] == pytest.approx(result["nll_sum_short"], rel=1e-4)
 
 
 def test_bad_lengths_and_a_short_document_are_named(tmp_path, capsys):
