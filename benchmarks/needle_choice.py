@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ctxext.config import parse_settings
     from ctxext.evaluate.runner import ModelEntry, load_entry, parse_length
     from ctxext.evaluate.tasks import make_sample
+    from ctxext.generation import answer_matches
 
     settings = parse_settings(args.settings)
     model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
@@ -231,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
                 for seed in (int(x) for x in args.seeds.split(",")):
                     sample = make_sample("needle", tok, length, depth, seed)
                     scored = {"seed": seed, **score_sample(model, sample, recorder, opts)}
-                    # the digits alone: a needle "missed" for a newline where it has a space (round 23) reads here
-                    scored["number_read"] = tok.decode(scored["predicted"]).strip() == sample.answer
+                    # the digits alone, by `ctxext eval --scoring generate`'s rule: a needle "missed" for a newline
+                    # where it has a space (round 23) reads here
+                    scored["number_read"] = answer_matches(tok.decode(scored["predicted"]), sample.answer)
                     result["samples"].append(scored)
                     far = [t for t in scored["tokens"] if t["far"]]
                     print(
