@@ -7,7 +7,9 @@ the numbers a user wants afterwards (tokens/s, cache size against a KV cache).
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,26 @@ class GenerationStats:
 # config asks for it; transformers skips it for BPE tokenizers, but with a warning in the middle of
 # the output, which an explicit False avoids.
 _DECODE = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+
+
+class _NoLengthReminder(logging.Filter):
+    """Drops transformers' "friendly reminder" that a generation passed ``max_position_embeddings``:
+    ctxext has checked the length against the limit asked for (:func:`check_length`) or scores past
+    the native context on purpose (``ctxext eval --scoring generate``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "friendly reminder" not in record.getMessage()
+
+
+@contextmanager
+def _past_native_length_on_purpose():
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    quiet = _NoLengthReminder()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def max_length_of(model) -> int:
@@ -119,7 +141,8 @@ def generate_text(
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     start = time.perf_counter()
-    with layer_progress(model, enabled=stream):  # a long prompt's prefill shows its progress
+    # a long prompt's prefill shows its progress
+    with layer_progress(model, enabled=stream), _past_native_length_on_purpose():
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -150,13 +173,14 @@ def generated_answer(model, tokenizer, prompt_ids: list[int], answer: str) -> st
     device = next(model.parameters()).device
     x = torch.tensor([prompt_ids], device=device)
     budget = len(tokenizer(answer, add_special_tokens=False).input_ids) + 2
-    out = model.generate(
-        x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=budget,
-        do_sample=False,
-        pad_token_id=_pad_id(tokenizer),
-    )
+    with _past_native_length_on_purpose():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=budget,
+            do_sample=False,
+            pad_token_id=_pad_id(tokenizer),
+        )
     return tokenizer.decode(out[0, x.shape[1] :], **_DECODE)
 
 

@@ -61,3 +61,48 @@ def test_a_longer_maximum_can_be_asked_for(model_dir):
         app, ["generate", str(model_dir), "--prompt", "a" * 4090, "--max-new-tokens", "8", "--max-length", "8192"]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_generating_past_the_native_length_on_purpose_is_not_reminded_of_it():
+    """transformers reminds once per process that a generation passed max_position_embeddings; ctxext's generation
+    (the CLI after --max-length, eval's generate scoring) drops that reminder, and only that one."""
+    import logging
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ctxext.attention.options import TensorizedOptions
+    from ctxext.generation import generated_answer
+    from ctxext.models import apply_tensorized
+    from ctxext.tiny import byte_tokenizer, tiny_model
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    model.config.max_position_embeddings = 32  # the "native" length, passed on purpose below
+    apply_tensorized(model, TensorizedOptions(block_sizes=(16,)))
+    prompt = tok("the quick brown fox jumps over the lazy dog; " * 2, add_special_tokens=False).input_ids  # 90
+
+    class Seen(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    seen = Seen()
+    logger = logging.getLogger("transformers.generation.stopping_criteria")
+    logger.addHandler(seen)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the suite runs with TRANSFORMERS_VERBOSITY=error
+    try:
+        hf_logging.get_logger("x").warning_once.cache_clear()  # the reminder is once per process
+        assert len(generated_answer(model, tok, prompt, "abc")) > 0
+        assert not any("friendly reminder" in m for m in seen.messages), seen.messages
+        hf_logging.get_logger("x").warning_once.cache_clear()
+        x = torch.tensor([prompt])
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert any("friendly reminder" in m for m in seen.messages)  # plain transformers still says it
+        assert not logger.filters  # the filter was taken off again
+    finally:
+        logger.removeHandler(seen)
+        hf_logging.set_verbosity(verbosity)
