@@ -258,7 +258,8 @@ def length_advice(opts: TensorizedOptions, length: int) -> str | None:
     return (
         f"at {length:,} tokens a query chooses its {opts.retrieve} far blocks from {candidates} candidates of "
         f"up to {far} far blocks; the default model found 5 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
-        "(32 of 508) and 2 / 6 with 128 candidates (quality study, round 22: docs/RESULTS.md); consider "
+        "(32 of 508), 2 / 6 with 128 candidates and 3 / 6 with half the far blocks, scored by generation "
+        "(quality study, rounds 22 and 25: docs/RESULTS.md); consider "
         "--set retrieve_candidate_share=0.25 (candidates a quarter of the far blocks; slower: it scores a "
         "quarter of full attention's q.k products)"
     )
