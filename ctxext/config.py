@@ -12,7 +12,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .attention.options import TensorizedOptions
-from .retrieval_data import SPREADS
+from .retrieval_data import RECALL_PLACES, SPREADS
 
 ATTENTION_KINDS = ("tensorized", "sdpa", "eager")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -57,6 +57,7 @@ class DataSection:
     retrieval: float = 0.0  # fraction of blocks turned into retrieval blocks (records spliced in, recalled at the end)
     retrieval_records: int = 8  # records per retrieval block
     retrieval_spread: str = "random"  # random | even: spaced along the read order, so every run reads the fraction
+    retrieval_recalls: str = "tail"  # tail: recalls one after another at the end | interleaved: each amid the text
     cache_dir: str | None = None  # tokenised-data cache (default: <output_dir>/../.cache/ctxext-data)
 
 
@@ -296,6 +297,8 @@ def validate(recipe: Recipe) -> list[str]:
         errors.append(f"data.retrieval_records: must be > 0 when data.retrieval is set, got {d.retrieval_records}")
     if d.retrieval_spread not in SPREADS:
         errors.append(f"data.retrieval_spread: {' or '.join(SPREADS)}, got {d.retrieval_spread!r}")
+    if d.retrieval_recalls not in RECALL_PLACES:
+        errors.append(f"data.retrieval_recalls: {' or '.join(RECALL_PLACES)}, got {d.retrieval_recalls!r}")
     if lo.quantize not in ("none", "4bit"):
         errors.append(f"lora.quantize: unknown value {lo.quantize!r}; choose none or 4bit")
     if not 0 <= lo.dropout < 1:

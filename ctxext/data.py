@@ -151,7 +151,7 @@ class TokenBlocks:
 
 # Data settings added after the cache key was defined, with the value that builds the blocks as before
 # they existed: left out of the key at that value, so that earlier runs' caches stay valid.
-ADDED_SETTINGS = {"retrieval_spread": "random"}
+ADDED_SETTINGS = {"retrieval_spread": "random", "retrieval_recalls": "tail"}
 
 
 def _fingerprint(data, tokenizer, files: list[Path] | None) -> str:
@@ -228,7 +228,13 @@ def build_blocks(data, tokenizer, cache_dir: Path | None = None) -> TokenBlocks:
 
         try:
             stacked = mix_retrieval(
-                stacked, tokenizer, data.retrieval, data.retrieval_records, data.seed, data.retrieval_spread
+                stacked,
+                tokenizer,
+                data.retrieval,
+                data.retrieval_records,
+                data.seed,
+                data.retrieval_spread,
+                data.retrieval_recalls,
             )
         except ValueError as err:
             raise DataError(str(err)) from None
@@ -293,6 +299,6 @@ def describe_reads(blocks: TokenBlocks, data, sequences: int) -> tuple[dict, lis
         from .retrieval_data import retrieval_reads
 
         reads = retrieval_reads(n, data, sequences)
-        record["retrieval"] = {"spread": data.retrieval_spread, **reads.__dict__}
+        record["retrieval"] = {"spread": data.retrieval_spread, "recalls": data.retrieval_recalls, **reads.__dict__}
         lines.append(reads.describe())
     return record, lines

@@ -47,14 +47,29 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.Generator) -> RetrievalBlock:
+RECALL_PLACES = ("tail", "interleaved")
+
+
+def retrieval_layout(
+    text: np.ndarray, tokenizer, records: int, rng: np.random.Generator, recalls: str = "tail"
+) -> RetrievalBlock:
     """One retrieval block of ``len(text)`` tokens built on the token ids ``text``.
 
     text: ``(L,)`` int64 token ids of ordinary text. The result keeps the text (cut to make
-    room) with ``records`` statements inserted at random token offsets in its first 90% and
-    their recalls, shuffled, at the end. Recalls are tokenised in pieces (prefix, code, full
-    stop) so the code's tokens are known exactly.
+    room) with ``records`` statements inserted at random token offsets and their recalls in a
+    new order. Recalls are tokenised in pieces (prefix, code, full stop) so the code's tokens
+    are known exactly.
+
+    recalls: ``"tail"`` puts the statements in the first 90% of the text and the recalls one
+    after another at the end (the block ends with the last recall); only the first recall
+    follows ordinary text, the others follow a recall. ``"interleaved"`` puts the statements in
+    the first half of the text and each recall at its own random offset in the second half,
+    so every recall follows ordinary text and is followed by it, the way a question sits in a
+    document (quality study, round 26). ``"tail"`` draws exactly what every recipe before the
+    option drew.
     """
+    if recalls not in RECALL_PLACES:
+        raise ValueError(f"data.retrieval_recalls: one of {', '.join(RECALL_PLACES)}, got {recalls!r}")
     length = len(text)
     pairs: list[tuple[str, str]] = []
     while len(pairs) < records:
@@ -63,11 +78,11 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
             pairs.append(pair)
     statements = [_ids(tokenizer, f" Record {n} holds {c}.") for n, c in pairs]
     order = rng.permutation(records)
-    recalls = [
+    recall_pieces = [
         (_ids(tokenizer, f"\nRecord {pairs[i][0]} holds"), _ids(tokenizer, f" {pairs[i][1]}"), _ids(tokenizer, "."))
         for i in order
     ]
-    tail_len = sum(len(a) + len(b) + len(c) for a, b, c in recalls)
+    tail_len = sum(len(a) + len(b) + len(c) for a, b, c in recall_pieces)
     room = length - tail_len - sum(len(s) for s in statements)
     if room < length // 4:
         raise ValueError(
@@ -75,21 +90,33 @@ def retrieval_layout(text: np.ndarray, tokenizer, records: int, rng: np.random.G
             "lower data.retrieval_records or raise data.seq_len"
         )
     filler = [int(t) for t in text[:room]]
-    cuts = np.sort(rng.integers(0, int(room * 0.9) + 1, records))
+    if recalls == "tail":
+        statement_cuts = np.sort(rng.integers(0, int(room * 0.9) + 1, records))
+        recall_cuts = np.full(records, room)
+    else:
+        half = room // 2
+        statement_cuts = np.sort(rng.integers(0, half + 1, records))
+        recall_cuts = np.sort(rng.integers(half + 1, room + 1, records))
+    # (cut, kind, index) in text order; at equal cuts statements come first, then recalls in their order
+    inserts = sorted(
+        [(int(c), 0, r) for r, c in enumerate(statement_cuts)] + [(int(c), 1, j) for j, c in enumerate(recall_cuts)]
+    )
     out: list[int] = []
-    starts = []
-    last = 0
-    for cut, statement in zip(cuts, statements):
-        out += filler[last:cut]
-        starts.append(len(out))
-        out += statement
-        last = cut
-    out += filler[last:]
+    starts: list[int] = []
     answers: list[tuple[int, int]] = [(0, 0)] * records
-    for i, (prefix, code, stop) in zip(order, recalls):
+    last = 0
+    for cut, kind, index in inserts:
+        out += filler[last:cut]
+        last = cut
+        if kind == 0:
+            starts.append(len(out))
+            out += statements[index]
+            continue
+        prefix, code, stop = recall_pieces[index]
         out += prefix
-        answers[i] = (len(out), len(out) + len(code))
+        answers[order[index]] = (len(out), len(out) + len(code))
         out += code + stop
+    out += filler[last:]
     assert len(out) == length
     return RetrievalBlock(np.asarray(out, dtype=np.int64), starts, answers, [len(s) for s in statements])
 
@@ -127,15 +154,24 @@ def retrieval_blocks(n_blocks: int, fraction: float, seed: int, spread: str = "r
 
 
 def mix_retrieval(
-    blocks: np.ndarray, tokenizer, fraction: float, records: int, seed: int, spread: str = "random"
+    blocks: np.ndarray,
+    tokenizer,
+    fraction: float,
+    records: int,
+    seed: int,
+    spread: str = "random",
+    recalls: str = "tail",
 ) -> np.ndarray:
-    """Turn the :func:`retrieval_blocks` of the ``(n, L)`` blocks into retrieval blocks."""
+    """Turn the :func:`retrieval_blocks` of the ``(n, L)`` blocks into retrieval blocks.
+
+    recalls: where the recalls go (:func:`retrieval_layout`).
+    """
     if fraction <= 0:
         return blocks
     chosen, rng = _draw(len(blocks), fraction, seed, spread)
     out = blocks.copy()
     for i in chosen:
-        out[i] = retrieval_layout(blocks[i], tokenizer, records, rng).ids
+        out[i] = retrieval_layout(blocks[i], tokenizer, records, rng, recalls).ids
     return out
 
 

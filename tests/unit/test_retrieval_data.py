@@ -142,3 +142,51 @@ def test_the_default_spread_keeps_the_data_caches_of_earlier_runs():
     assert _fingerprint(data, byte_tokenizer(), None) == "825aebae22d555aced6e"
     even = load(TINY, ["data.retrieval=0.5", "data.retrieval_spread=even"]).data
     assert _fingerprint(even, byte_tokenizer(), None) != "825aebae22d555aced6e", "other blocks, another cache"
+    interleaved = load(TINY, ["data.retrieval=0.5", "data.retrieval_recalls=interleaved"]).data
+    assert _fingerprint(interleaved, byte_tokenizer(), None) != "825aebae22d555aced6e", "other blocks, another cache"
+
+
+def test_tail_recalls_are_the_layout_earlier_rounds_trained_on():
+    import hashlib
+
+    block = retrieval_layout(_text(1024), byte_tokenizer(), 5, np.random.default_rng(0))
+    # the digest of this layout before data.retrieval_recalls existed (computed on commit 637f0dc)
+    assert hashlib.sha256(block.ids.tobytes()).hexdigest()[:16] == "6a08a8a0332bf56d"
+    explicit = retrieval_layout(_text(1024), byte_tokenizer(), 5, np.random.default_rng(0), "tail")
+    assert np.array_equal(explicit.ids, block.ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interleaved_recalls_each_sit_amid_the_text_after_every_statement(seed):
+    tok = byte_tokenizer()
+    block = retrieval_layout(_text(2048), tok, 6, np.random.default_rng(seed), "interleaved")
+    assert block.ids.shape == (2048,)
+    text = tok.decode(block.ids)
+    stated = re.findall(r" Record ([A-Z]{4}) holds (\d{5})\.", text)
+    recalled = re.findall(r"\nRecord ([A-Z]{4}) holds (\d{5})\.", text)
+    assert len(stated) == 6 and sorted(stated) == sorted(recalled)
+    assert max(block.statements) < 2048 // 2, "statements lie in the first half"
+    recall_starts = [a0 for a0, _ in block.answers]
+    assert min(recall_starts) > max(block.statements), "every recall comes after every statement"
+    for start, size, (a0, a1) in zip(block.statements, block.statement_lengths, block.answers):
+        statement = tok.decode(block.ids[start : start + size])
+        assert tok.decode(block.ids[a0:a1]).strip() in statement, "each recall's answer is its own record's code"
+    after_a_recall = sum(_follows_a_recall(block, tok, a0) for a0, _ in block.answers)
+    tail = retrieval_layout(_text(2048), tok, 6, np.random.default_rng(seed))
+    assert after_a_recall == 0 and sum(_follows_a_recall(tail, tok, a0) for a0, _ in tail.answers) == 5, (
+        "interleaved: every recall follows ordinary text; tail: all but the first follow another recall"
+    )
+
+
+def _follows_a_recall(block, tok, answer_start: int) -> bool:
+    """Whether the recall whose code starts at ``answer_start`` comes right after another recall's full stop."""
+    prefix = len(tok("\nRecord ABCD holds", add_special_tokens=False).input_ids)
+    before = tok.decode(block.ids[answer_start - prefix - 7 : answer_start - prefix])
+    return re.fullmatch(r" \d{5}\.", before) is not None
+
+
+def test_a_bad_recall_place_is_named():
+    with pytest.raises(RecipeError, match="data.retrieval_recalls: tail or interleaved, got 'end'"):
+        load(TINY, ["data.retrieval=0.5", "data.retrieval_recalls=end"])
+    with pytest.raises(ValueError, match="data.retrieval_recalls: one of tail, interleaved, got 'end'"):
+        retrieval_layout(_text(1024), byte_tokenizer(), 2, np.random.default_rng(0), "end")
