@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         short_nll = sequence_nll(model, x[:, :short])[0]  # (short - 1,)
         long_nll = sequence_nll(model, x)[0]  # (long - 1,)
     result = {"model": args.model, "settings": settings, "text": str(text_path), "short": short, "long": long}
-    result |= {"dtype": str(dtype).removeprefix("torch.")} | compare(short_nll, long_nll)
+    ran_in = next(model.parameters()).dtype  # what the passes ran in, not what was asked for
+    result |= {"dtype": str(ran_in).removeprefix("torch.")} | compare(short_nll, long_nll)
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
