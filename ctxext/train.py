@@ -9,6 +9,7 @@ written atomically; a resumed run reproduces the losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -674,6 +675,17 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
                 result.merged_dir = save_merged(model, tokenizer, output_dir / "merged")
         accelerator.wait_for_everyone()
     if trackers:
+        # Under data parallelism `wrapped` is a DDP wrapper whose reducer holds the process group.
+        # Outliving end_training (which destroys the group), the reducer would hold the last
+        # reference, and the group's destructor would run when the reducer is freed: with the GIL
+        # held, joining gloo's worker thread, which may itself wait for the GIL to free a finished
+        # collective's tensors. The process then hangs after saving (pytorch/pytorch#56297; seen
+        # once in CI, round 26: both ranks' results written, rank 0 never exiting). Freed first,
+        # the reducer lets go while the group is registered, and destroy_process_group frees the
+        # group through its binding, which releases the GIL.
+        accelerator.free_memory()  # the accelerator's own references to what it prepared
+        del wrapped  # the trained model stays in `model`
+        gc.collect()
         accelerator.end_training()  # also destroys the process group: last
     return result
 

@@ -296,3 +296,32 @@ def test_loading_an_adapter_for_evaluation_raises_no_checkpointing_rename_warnin
         warnings.simplefilter("always")
         load_entry(ModelEntry(label="a", source=str(result.adapter_dir)), torch.device("cpu"))
     assert not [w for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_the_prepared_model_is_freed_before_the_process_group_is_destroyed(tmp_path, monkeypatch):
+    """Under data parallelism the prepared model is a DDP wrapper holding the process group; freed only
+    after ``end_training`` destroyed the group, it ran the group's destructor with the GIL held, which
+    can deadlock with gloo's worker thread (a CI run hung after saving). Checked on one process: the
+    wrapper ``prepare`` returned must be gone when ``end_training`` runs."""
+    import weakref
+
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(train_mod, "_has_tensorboard", lambda: True)  # end_training runs with trackers
+    prepared, alive_at_end = [], []
+    original_prepare, original_end = Accelerator.prepare, Accelerator.end_training
+
+    def prepare(self, *objects):
+        out = original_prepare(self, *objects)
+        prepared.extend(weakref.ref(o) for o in out if isinstance(o, torch.nn.Module))
+        return out
+
+    def end_training(self):
+        alive_at_end.extend(ref() is not None for ref in prepared)
+        return original_end(self)
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare)
+    monkeypatch.setattr(Accelerator, "end_training", end_training)
+    result = finetune(_recipe(tmp_path, "train.steps=1", "train.save_every=0"), log=lambda m: None)
+    assert result.adapter_dir is not None and prepared, "the run trained, saved and prepared a model"
+    assert alive_at_end == [False] * len(prepared), "the prepared wrapper outlived the process group"
