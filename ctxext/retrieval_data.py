@@ -8,6 +8,9 @@ places, and the block ends with every record recalled in a new order
 (``"\\nRecord QXJV holds 48213."``). Predicting the digits of a recall needs the statement,
 which mostly lies beyond any local window. The loss stays on every token: the recalls are the
 only unpredictable tokens of the tail, and ordinary text keeps the language model honest.
+``data.retrieval_recalls: interleaved`` puts each recall amid the text instead (after code, as a
+question sits in a document); quality study round 26 found it no help (0 / 6 needles at 32k against
+3 / 6), so the default stays ``tail``.
 
 The wording differs from the evaluation's passkey and needle tasks (``pass key``, ``special
 magic number``), so evaluation measures transfer, not memorised phrasing.

@@ -681,8 +681,8 @@ def finetune(recipe: Recipe, *, merge: bool = False, log=print) -> FinetuneResul
         # held, joining gloo's worker thread, which may itself wait for the GIL to free a finished
         # collective's tensors. The process then hangs after saving (pytorch/pytorch#56297; seen
         # once in CI, round 26: both ranks' results written, rank 0 never exiting). Freed first,
-        # the reducer lets go while the group is registered, and destroy_process_group frees the
-        # group through its binding, which releases the GIL.
+        # the reducer lets go while the group is still registered, so the group is freed by
+        # destroy_process_group's own path, not from inside the reducer's destructor.
         accelerator.free_memory()  # the accelerator's own references to what it prepared
         del wrapped  # the trained model stays in `model`
         gc.collect()
