@@ -3,7 +3,6 @@ SmolLM2 demo recipe trains, merges and reloads as tensorized attention."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -12,29 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from ..process_tree import run_process_tree
+
 pytestmark = pytest.mark.integration
 RECIPES = Path(__file__).parents[2] / "recipes"
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``ctxext finetune ARGS``; on a timeout the whole process tree is killed (the ranks torchrun
-    starts run in sessions of their own), so a hung rank cannot outlive the test holding the
-    launcher's port for the tests after it."""
-    import psutil  # accelerate's dependency
-
     cmd = [sys.executable, "-m", "ctxext.cli", "finetune", *args]
-    env = {**os.environ, "COLUMNS": "200"}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            tree = psutil.Process(child.pid).children(recursive=True)
-            for proc in [*tree, psutil.Process(child.pid)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            stdout, stderr = child.communicate()
-            pytest.fail(f"ctxext finetune ran past {timeout} s and was killed:\n{stdout[-3000:]}{stderr[-3000:]}")
-    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    proc = run_process_tree(cmd, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

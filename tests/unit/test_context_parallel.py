@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from ctxext.attention.collectives import ContextParallelError
 from ctxext.attention.context_parallel import head_ranges, shard_ranges
 from ctxext.attention.options import TensorizedOptions
 from ctxext.attention.torch_backend import torch_tensorized_attention
+
+from ..process_tree import run_process_tree
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 F64 = torch.float64
@@ -305,11 +306,9 @@ def test_two_process_context_parallel_finetune_matches_one_process(tmp_path):
         "--config_file",
         str(RECIPES / "accelerate" / "cpu-2proc.yaml"),
     ]
-    proc = subprocess.run(
+    proc = run_process_tree(
         [*launch, "-m", "ctxext.cli", "finetune", "--recipe", str(RECIPES / "tiny-debug-cp2.yaml")]
         + [f"train.output_dir={tmp_path / 'cp'}", *common],
-        capture_output=True,
-        text=True,
         timeout=300,
         env={**os.environ, "COLUMNS": "200", "CTXEXT_LAUNCHED": "1", "ACCELERATE_USE_CPU": "1"},
     )

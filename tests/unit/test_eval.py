@@ -206,15 +206,16 @@ def test_another_tensorized_model_as_baseline_keeps_its_attention(tmp_path):
 
 def test_context_parallel_perplexity_from_the_cli_equals_one_process(tmp_path):
     import os
-    import subprocess
     import sys
+
+    from ..process_tree import run_process_tree
 
     model_dir = _tiny_dir(tmp_path)
     args = [str(model_dir), "--lengths", "300", "--tasks", "ppl", "--docs", "2"]
     single = run(EvalSpec(model=str(model_dir), out=tmp_path / "one", lengths=[300], tasks=["ppl"], docs=2))
     cli = [sys.executable, "-m", "ctxext.cli", "eval", *args, "--out", str(tmp_path / "cp"), "--context-parallel", "2"]
     env = {k: v for k, v in os.environ.items() if k != "CTXEXT_LAUNCHED"}
-    done = subprocess.run(cli, capture_output=True, text=True, timeout=300, env=env)
+    done = run_process_tree(cli, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "cp" / "report.json").read_text())
     assert report["protocol"]["context_parallel"] == 2
