@@ -27,6 +27,11 @@ the whole block: tighter as S shrinks, and at S = 1 the exact maximum of ``q . k
 blocks find the needle? ``--set retrieve_candidates=C`` chooses in two stages (the bound proposes
 C far blocks, the exact ``max q . k`` over their keys picks the read ones): does it find what the
 oracle finds?
+
+``--read-needle`` is a different oracle: every (layer, query head) pair reads the needle's far
+block(s) on the answer's queries (where its own choice left them out, they replace its last pick),
+while the recorded chosen share stays the model's own. If a token the model missed comes right
+when every head reads the needle, the choice lost it; if it stays wrong, reading it was not enough.
 """
 
 from __future__ import annotations
@@ -58,7 +63,36 @@ def copy_sources(input_ids: list[int], needle_position: int, answer_start: int) 
     raise ValueError(f"the answer tokens {answer} do not occur after the needle at {needle_position}")
 
 
-def score_sample(model, sample, recorder: ChoiceRecorder, opts) -> dict:
+class NeedleReader:
+    """Wraps the far-block choice (``choose(qs, ks, key_ok, opts, ...)`` -> ``(B, Hq, L, top)``
+    block numbers): on the query slots ``rows`` every head reads the far ``blocks`` too; for each
+    one missing from a head's pick, its last other pick is dropped. Off while ``blocks`` is empty."""
+
+    rows: torch.Tensor | None = None
+    blocks: tuple[int, ...] = ()
+
+    def __init__(self, choose):
+        self.choose = choose
+
+    def __call__(self, qs, ks, key_ok, opts, *rest):
+        index = self.choose(qs, ks, key_ok, opts, *rest)
+        if not self.blocks:
+            return index
+        if len(self.blocks) > index.shape[-1]:
+            raise SystemExit(
+                f"--read-needle: the answer spans far blocks {self.blocks}, more than the {index.shape[-1]} read"
+            )
+        picked = index[:, :, self.rows]  # (B, Hq, R, top)
+        forced = torch.tensor(self.blocks, dtype=index.dtype, device=index.device)
+        is_forced = torch.isin(picked, forced)
+        own = picked.gather(-1, torch.argsort(is_forced.int(), dim=-1, stable=True))  # its other picks first, in order
+        keep = own[..., : picked.shape[-1] - len(self.blocks)]  # drops its last picks, one per block it lacked
+        index = index.clone()
+        index[:, :, self.rows] = torch.cat([keep, forced.expand(*keep.shape[:-1], len(self.blocks))], dim=-1)
+        return index
+
+
+def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleReader | None = None) -> dict:
     """One needle: the prediction and chosen share of every answer token."""
     from ctxext.evaluate.retrieval import teacher_forced_prediction
 
@@ -68,6 +102,8 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts) -> dict:
     sources = copy_sources(sample.input_ids, sample.needle_position, sample.answer_start)
     recorder.rows = torch.tensor(queries)
     recorder.calls.clear()
+    if reader is not None:  # every head reads the blocks the answer is copied from
+        reader.rows, reader.blocks = recorder.rows, tuple(sorted({source // m for source in sources}))
     predicted = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
     if not recorder.calls:
         raise SystemExit("no far-block choice was recorded: the model must run on the PyTorch backend (CPU)")
@@ -93,6 +129,7 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts) -> dict:
         "tokens": tokens,
         "predicted": predicted,
         "layers": len(recorder.calls),
+        **({"read_needle_blocks": list(reader.blocks)} if reader is not None else {}),
     }
 
 
@@ -196,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated needle depths in [0, 1]")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own city, number, text)")
     ap.add_argument("--label", help="name in the plot title (default: the model and its --set)")
+    ap.add_argument(
+        "--read-needle",
+        action="store_true",
+        help="oracle: every head also reads the needle's far block(s) on the answer's queries",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, help="JSON with every needle and token (required with a model)")
     ap.add_argument("--overlay", nargs="+", metavar="LABEL=JSON", help="draw saved runs side by side into --plot")
@@ -222,16 +264,17 @@ def main(argv: list[str] | None = None) -> dict:
     opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
     if opts is None or not opts.retrieve:
         raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
-    label = args.label or " ".join([Path(args.model).name, *args.settings])
+    label = args.label or " ".join([Path(args.model).name, *args.settings] + ["--read-needle"] * args.read_needle)
     result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
     recorder = ChoiceRecorder(tb.far_block_index)
-    tb.far_block_index = recorder
+    reader = NeedleReader(recorder) if args.read_needle else None
+    tb.far_block_index = reader or recorder
     try:
         for length in (parse_length(x) for x in args.lengths.split(",")):
             for depth in (float(x) for x in args.depths.split(",")):
                 for seed in (int(x) for x in args.seeds.split(",")):
                     sample = make_sample("needle", tok, length, depth, seed)
-                    scored = {"seed": seed, **score_sample(model, sample, recorder, opts)}
+                    scored = {"seed": seed, **score_sample(model, sample, recorder, opts, reader)}
                     # the digits alone, by `ctxext eval --scoring generate`'s rule: a needle "missed" for a newline
                     # where it has a space (round 23) reads here
                     scored["number_read"] = answer_matches(tok.decode(scored["predicted"]), sample.answer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ..benchmark_script import load_benchmark
 
@@ -108,3 +109,55 @@ def test_a_number_read_after_a_newline_counts_as_read_not_passed():
     assert (got["needles"], got["passed"], got["numbers_read"], got["far_tokens_right"]) == (3, 1, 2, 1)
     old = [{k: v for k, v in s.items() if k != "number_read"} for s in samples]  # a JSON from before round 23
     assert script.summary(old)["8"]["numbers_read"] is None
+
+
+def test_the_needle_reader_adds_the_blocks_on_its_rows_only():
+    script = load_benchmark("needle_choice")
+    index = torch.tensor([[[[0, 1, 2], [3, 4, 5], [5, 6, 7]], [[7, 8, 9], [9, 1, 2], [0, 9, 8]]]])  # (1, 2, 3, 3)
+    reader = script.NeedleReader(lambda *args: index)
+    reader.rows = torch.tensor([1, 2])
+    assert torch.equal(reader(None, None, None, None, 16), index), "no blocks: the choice is untouched"
+    reader.blocks = (5, 9)
+    got = reader(None, None, None, None, 16)
+    assert torch.equal(got[:, :, 0], index[:, :, 0]), "rows outside the answer keep their choice"
+    assert torch.equal(index[0, 0, 1], torch.tensor([3, 4, 5])), "the choice itself is not written to"
+    # each row now holds 5 and 9; for each it lacked, its last other pick is dropped
+    assert [sorted(got[0, h, r].tolist()) for h in (0, 1) for r in (1, 2)] == [
+        [3, 5, 9],
+        [5, 6, 9],
+        [1, 5, 9],
+        [0, 5, 9],
+    ]
+    reader.blocks = (1, 2, 3, 4)
+    with pytest.raises(SystemExit, match="more than the 3 read"):
+        reader(None, None, None, None, 16)
+
+
+def test_read_needle_records_the_models_own_choice_while_every_head_reads_the_needle(tmp_path, monkeypatch):
+    """The oracle's run keeps the recorded shares of the plain run (the model's own choice), while
+    the choice each layer's attention receives holds the needle's blocks in every head."""
+    script = load_benchmark("needle_choice")
+    import ctxext.attention.torch_backend as tb
+
+    received = []
+
+    class Spy(script.NeedleReader):
+        def __call__(self, *args):
+            index = super().__call__(*args)
+            received.append(torch.stack([(index[:, :, self.rows] == b).any(-1) for b in self.blocks]))
+            return index
+
+    monkeypatch.setattr(script, "NeedleReader", Spy)
+    original = tb.far_block_index
+    model = str(_tiny_dir(tmp_path, 2))
+    plain = script.main([model, *ARGS, "--out", str(tmp_path / "p.json")])
+    assert not received, "without --read-needle no reader is installed"
+    read = script.main([model, *ARGS, "--read-needle", "--out", str(tmp_path / "r.json")])
+    assert tb.far_block_index is original and "--read-needle" in read["label"]
+    assert len(received) == 2 * read["samples"][0]["layers"], "one choice per layer per needle went through it"
+    assert all(bool(r.all()) for r in received), "every head reads every block of the answer's source"
+    for p, r in zip(plain["samples"], read["samples"]):
+        assert [t["chosen_share"] for t in p["tokens"]] == [t["chosen_share"] for t in r["tokens"]]
+        assert r["read_needle_blocks"] == sorted({t["source"] // 16 for t in r["tokens"]})
+    far = [t["chosen_share"] for s in plain["samples"] for t in s["tokens"] if t["far"]]
+    assert far and min(far) < 1.0, "the model's own choice misses the needle somewhere: the oracle reads more"
