@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class NeedleReader:
 
 def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleReader | None = None) -> dict:
     """One needle: the prediction and chosen share of every answer token."""
-    from ctxext.evaluate.retrieval import teacher_forced_prediction
+    from ctxext.loss import final_hidden, lm_logits
 
     n, m, window = opts.block_sizes[-1], opts.retrieval_block, opts.local == "window"
     answer = sample.input_ids[sample.answer_start :]
@@ -104,7 +105,10 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleRe
     recorder.calls.clear()
     if reader is not None:  # every head reads the blocks the answer is copied from
         reader.rows, reader.blocks = recorder.rows, tuple(sorted({source // m for source in sources}))
-    predicted = teacher_forced_prediction(model, sample.input_ids, sample.answer_start)
+    with torch.inference_mode():  # as ctxext.evaluate.retrieval.teacher_forced_prediction: t predicts t + 1
+        hidden = final_hidden(model, torch.tensor([sample.input_ids]))  # (1, N, H)
+        logp = lm_logits(model, hidden[:, sample.answer_start - 1 : -1])[0].float().log_softmax(-1)  # (A, V)
+    predicted = logp.argmax(-1).tolist()
     if not recorder.calls:
         raise SystemExit("no far-block choice was recorded: the model must run on the PyTorch backend (CPU)")
     tokens = []
@@ -117,6 +121,8 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleRe
                 "distance": query - source,
                 "far": is_far((source, source + 1), query, n, m, window),
                 "correct": predicted[i] == answer[i],
+                "logp_right": float(logp[i, answer[i]]),  # nats; the predicted token's below
+                "logp_predicted": float(logp[i, predicted[i]]),
                 "chosen_share": share,
                 "per_layer": per_layer,
             }
@@ -284,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{length:>6} depth {depth:.2f} seed {seed}: {'PASS' if scored['correct'] else 'miss'} "
                         f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}; far tokens right "
                         f"{sum(t['correct'] for t in far)}/{len(far)}, chosen share "
-                        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far),
+                        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far)
+                        + f"; first token p right {math.exp(scored['tokens'][0]['logp_right']):.3f}, "
+                        f"p predicted {math.exp(scored['tokens'][0]['logp_predicted']):.3f}",
                         flush=True,
                     )
     finally:

@@ -50,6 +50,9 @@ def test_every_block_chosen_gives_share_one_and_one_block_does_not(tmp_path):
             range(s["tokens"][0]["source"], s["tokens"][-1]["source"] + 1)
         )
         assert s["correct"] == all(t["correct"] for t in s["tokens"])
+        for t in s["tokens"]:  # log-probabilities of the right and the argmax token
+            assert t["logp_predicted"] <= 0.0 and t["logp_right"] <= t["logp_predicted"]
+            assert (t["logp_right"] == t["logp_predicted"]) == t["correct"]
 
     one = script.main([model, *ARGS, "--out", str(tmp_path / "b.json"), "--plot", str(tmp_path / "p.png")])
     shares = [t["chosen_share"] for s in one["samples"] for t in s["tokens"] if t["far"]]
