@@ -139,16 +139,56 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleRe
     }
 
 
+def shortened(sample, length: int):
+    """``sample`` with its haystack cut from the front to ``length`` tokens in all: the BOS and the
+    instruction, the needle, the question and every token between them stay as they were, so a
+    needle missed at its length can be scored with fewer far blocks to choose from and the same
+    local text around the needle and the question."""
+    import dataclasses
+
+    cut = len(sample.input_ids) - length
+    if cut <= 0 or sample.needle_position - cut < sample.filler_start:
+        raise SystemExit(
+            f"--shorten {length}: a needle at token {sample.needle_position} of {len(sample.input_ids)} keeps "
+            f"{sample.needle_position - sample.filler_start} filler tokens before it; give a length between "
+            f"{len(sample.input_ids) - (sample.needle_position - sample.filler_start)} and {len(sample.input_ids) - 1}"
+        )
+    ids, start = sample.input_ids, sample.filler_start
+    return dataclasses.replace(
+        sample,
+        input_ids=ids[:start] + ids[start + cut :],
+        answer_start=sample.answer_start - cut,
+        needle_position=sample.needle_position - cut,
+        length=length,
+    )
+
+
+def group_key(sample: dict) -> str:
+    """A scored needle's group: its length, and the length it was cut from (``--shorten``)."""
+    cut_from = sample.get("cut_from")
+    return str(sample["length"]) if cut_from is None else f"{sample['length']} cut from {cut_from}"
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    length, _, cut_from = key.partition(" cut from ")
+    return int(length), int(cut_from or 0)
+
+
+def _title(key: str) -> str:
+    length, _, cut_from = key.partition(" cut from ")
+    return f"{int(length):,} tokens" + (f" (cut from {int(cut_from):,})" if cut_from else "")
+
+
 def summary(samples: list[dict]) -> dict:
     """Per length: needles passed, numbers read to every digit (None for JSONs from before round 23),
     far answer tokens right, and the chosen share of right / wrong ones."""
     out = {}
-    for length in sorted({s["length"] for s in samples}):
-        group = [s for s in samples if s["length"] == length]
+    for key in sorted({group_key(s) for s in samples}, key=_key_order):
+        group = [s for s in samples if group_key(s) == key]
         far = [t for s in group for t in s["tokens"] if t["far"]]
         right = [t["chosen_share"] for t in far if t["correct"]]
         wrong = [t["chosen_share"] for t in far if not t["correct"]]
-        out[str(length)] = {
+        out[key] = {
             "needles": len(group),
             "passed": sum(s["correct"] for s in group),
             "numbers_read": sum(s["number_read"] for s in group) if all("number_read" in s for s in group) else None,
@@ -168,15 +208,15 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({s["length"] for s in result["samples"]})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, sharey=True)
-    for ax, length in zip(axes[0], lengths):
-        far = [t for s in result["samples"] if s["length"] == length for t in s["tokens"] if t["far"]]
+    keys = sorted({group_key(s) for s in result["samples"]}, key=_key_order)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys):
+        far = [t for s in result["samples"] if group_key(s) == key for t in s["tokens"] if t["far"]]
         for name, color, want in (("right", "tab:blue", True), ("wrong", "tab:red", False)):
             group = [t["per_layer"] for t in far if t["correct"] == want]
             if group:
                 ax.plot(100 * np.mean(group, axis=0), "o-", color=color, ms=3, label=f"{name} ({len(group)} tokens)")
-        ax.set(title=f"{length:,} tokens", xlabel="layer", ylim=(-2, 102))
+        ax.set(title=_title(key), xlabel="layer", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("% of heads choosing the needle token's block")
@@ -206,18 +246,18 @@ def overlay(named: list[str], path: Path) -> dict:
             run = {**run, "samples": runs[label]["samples"] + run["samples"]}
             run["summary"] = summary(run["samples"])
         runs[label] = run
-    lengths = sorted({s["length"] for r in runs.values() for s in r["samples"]})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False, sharey=True)
-    for ax, length in zip(axes[0], lengths):
+    keys = sorted({group_key(s) for r in runs.values() for s in r["samples"]}, key=_key_order)
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys):
         for color, (label, run) in enumerate(runs.items()):
-            far = [t["per_layer"] for s in run["samples"] if s["length"] == length for t in s["tokens"] if t["far"]]
+            far = [t["per_layer"] for s in run["samples"] if group_key(s) == key for t in s["tokens"] if t["far"]]
             if far:
-                s = run["summary"][str(length)]
+                s = run["summary"][key]
                 name = (
                     f"{label}: {s['passed']}/{s['needles']} needles, {s['far_tokens_right']}/{s['far_tokens']} tokens"
                 )
                 ax.plot(100 * np.mean(far, axis=0), "o-", ms=3, color=f"C{color}", label=name)  # one color per run
-        ax.set(title=f"{length:,} tokens", xlabel="layer", ylim=(-2, 102))
+        ax.set(title=_title(key), xlabel="layer", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("% of heads choosing the needle token's block")
@@ -244,6 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="oracle: every head also reads the needle's far block(s) on the answer's queries",
     )
+    ap.add_argument(
+        "--shorten",
+        default="",
+        help="comma-separated lengths: each needle is scored again with its haystack cut from the front to each",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, help="JSON with every needle and token (required with a model)")
     ap.add_argument("--overlay", nargs="+", metavar="LABEL=JSON", help="draw saved runs side by side into --plot")
@@ -263,9 +308,12 @@ def main(argv: list[str] | None = None) -> dict:
     from ctxext.config import parse_settings
     from ctxext.evaluate.runner import ModelEntry, load_entry, parse_length
     from ctxext.evaluate.tasks import make_sample
-    from ctxext.generation import answer_matches
 
     settings = parse_settings(args.settings)
+    shorten = [parse_length(x) for x in args.shorten.split(",") if x]
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    if shorten and max(shorten) >= min(lengths):
+        ap.error(f"--shorten: every length must be below the shortest of --lengths ({min(lengths)})")
     model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
     opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
     if opts is None or not opts.retrieve:
@@ -276,25 +324,15 @@ def main(argv: list[str] | None = None) -> dict:
     reader = NeedleReader(recorder) if args.read_needle else None
     tb.far_block_index = reader or recorder
     try:
-        for length in (parse_length(x) for x in args.lengths.split(",")):
+        for length in lengths:
             for depth in (float(x) for x in args.depths.split(",")):
                 for seed in (int(x) for x in args.seeds.split(",")):
                     sample = make_sample("needle", tok, length, depth, seed)
-                    scored = {"seed": seed, **score_sample(model, sample, recorder, opts, reader)}
-                    # the digits alone, by `ctxext eval --scoring generate`'s rule: a needle "missed" for a newline
-                    # where it has a space (round 23) reads here
-                    scored["number_read"] = answer_matches(tok.decode(scored["predicted"]), sample.answer)
-                    result["samples"].append(scored)
-                    far = [t for t in scored["tokens"] if t["far"]]
-                    print(
-                        f"{length:>6} depth {depth:.2f} seed {seed}: {'PASS' if scored['correct'] else 'miss'} "
-                        f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}; far tokens right "
-                        f"{sum(t['correct'] for t in far)}/{len(far)}, chosen share "
-                        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far)
-                        + f"; first token p right {math.exp(scored['tokens'][0]['logp_right']):.3f}, "
-                        f"p predicted {math.exp(scored['tokens'][0]['logp_predicted']):.3f}",
-                        flush=True,
-                    )
+                    result["samples"].append(_score_and_report(model, tok, sample, seed, recorder, opts, reader))
+                    for short in shorten:
+                        cut = shortened(sample, short)
+                        scored = _score_and_report(model, tok, cut, seed, recorder, opts, reader, cut_from=length)
+                        result["samples"].append(scored)
     finally:
         tb.far_block_index = recorder.choose
     result["summary"] = summary(result["samples"])
@@ -310,6 +348,30 @@ def main(argv: list[str] | None = None) -> dict:
     if args.plot:
         plot(result, args.plot)
     return result
+
+
+def _score_and_report(model, tok, sample, seed: int, recorder, opts, reader, cut_from: int | None = None) -> dict:
+    """Score one needle (:func:`score_sample`), print its line, and return it with its seed."""
+    from ctxext.generation import answer_matches
+
+    scored = {"seed": seed, **score_sample(model, sample, recorder, opts, reader)}
+    if cut_from is not None:
+        scored["cut_from"] = cut_from
+    # the digits alone, by `ctxext eval --scoring generate`'s rule: a needle "missed" for a newline
+    # where it has a space (round 23) reads here
+    scored["number_read"] = answer_matches(tok.decode(scored["predicted"]), sample.answer)
+    far = [t for t in scored["tokens"] if t["far"]]
+    first = scored["tokens"][0]
+    print(
+        f"{group_key(scored):>6} depth {sample.depth:.2f} seed {seed}: {'PASS' if scored['correct'] else 'miss'} "
+        f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}; far tokens right "
+        f"{sum(t['correct'] for t in far)}/{len(far)}, chosen share "
+        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far)
+        + f"; first token p right {math.exp(first['logp_right']):.3f}, "
+        f"p predicted {math.exp(first['logp_predicted']):.3f}",
+        flush=True,
+    )
+    return scored
 
 
 def _pct(x: float | None) -> str:

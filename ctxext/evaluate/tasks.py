@@ -73,6 +73,7 @@ class Sample:
     depth: float  # the requested depth
     needle_position: int  # index in input_ids where the key information starts
     answer: str  # the answer text, e.g. "68413"
+    filler_start: int = 0  # index in input_ids where the filler starts (after the BOS and the instruction)
 
 
 @dataclass
@@ -340,6 +341,7 @@ def make_sample(task: str, tokenizer, length: int, depth: float, seed: int, hays
     positions = [_noise_position(d, n, unit) if unit else _text_position(d, filler, tokenizer) for d, _ in toks.inserts]
     placed = sorted(zip(positions, range(len(positions)), (ids for _, ids in toks.inserts)))
     input_ids = bos + toks.prefix
+    filler_start = len(input_ids)
     needle_position = -1
     cursor = 0
     for pos, i, ids in placed:
@@ -360,4 +362,5 @@ def make_sample(task: str, tokenizer, length: int, depth: float, seed: int, hays
         depth=depth,
         needle_position=needle_position,
         answer=texts.answer.strip(),
+        filler_start=filler_start,
     )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ctxext.evaluate.tasks import TASKS, Sample, make_sample, min_length
+from ctxext.evaluate.tasks import _PREFIX, TASKS, Sample, make_sample, min_length
 from ctxext.tiny import byte_tokenizer
 
 TOKENIZERS = ("byte", "smollm2")
@@ -72,7 +72,7 @@ def test_lengths_within_bounds(tok, task):
         assert n <= length
         if length >= 512:
             assert n >= 0.9 * length
-        assert 0 < s.needle_position < s.answer_start < n
+        assert 0 < s.filler_start <= s.needle_position < s.answer_start < n
         assert all(isinstance(i, int) and 0 <= i < len(tok) for i in s.input_ids)
         assert (s.task, s.length, s.depth) == (task, length, 0.5)
 
@@ -254,3 +254,14 @@ def test_unknown_task_lists_the_known_ones(byte):
         with pytest.raises(ValueError, match="unknown task 'ruler'") as err:
             call()
         assert all(t in str(err.value) for t in TASKS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_the_filler_starts_after_the_instruction_alone(tok, task):
+    """``filler_start``: the tokens before it are the same for every seed and length (BOS and
+    instruction); the first filler token already differs between seeds of real text."""
+    a, b = (make_sample(task, tok, 1024, 0.5, seed=s) for s in (0, 1))
+    assert a.filler_start == b.filler_start == make_sample(task, tok, 2048, 0.9, seed=3).filler_start
+    assert a.input_ids[: a.filler_start] == b.input_ids[: b.filler_start]
+    instruction = tok.decode(a.input_ids[: a.filler_start], skip_special_tokens=True)
+    assert instruction.strip() == _PREFIX[task].strip()

@@ -164,3 +164,42 @@ def test_read_needle_records_the_models_own_choice_while_every_head_reads_the_ne
         assert r["read_needle_blocks"] == sorted({t["source"] // 16 for t in r["tokens"]})
     far = [t["chosen_share"] for s in plain["samples"] for t in s["tokens"] if t["far"]]
     assert far and min(far) < 1.0, "the model's own choice misses the needle somewhere: the oracle reads more"
+
+
+def test_a_shortened_needle_keeps_the_instruction_needle_and_question():
+    from ctxext.evaluate.tasks import make_sample
+    from ctxext.tiny import byte_tokenizer
+
+    script = load_benchmark("needle_choice")
+    sample = make_sample("needle", byte_tokenizer(), 2048, 0.5, seed=0)
+    short = script.shortened(sample, 1500)
+    cut, f = 2048 - 1500, sample.filler_start
+    assert len(short.input_ids) == short.length == 1500 and short.depth == sample.depth
+    assert short.input_ids[:f] == sample.input_ids[:f], "the BOS and the instruction stay"
+    assert short.input_ids[f:] == sample.input_ids[f + cut :], "the haystack loses its first tokens only"
+    assert short.input_ids[short.needle_position :] == sample.input_ids[sample.needle_position :]
+    assert short.input_ids[short.answer_start :] == sample.input_ids[sample.answer_start :]
+    keep = sample.needle_position - f  # filler tokens before the needle: the most the cut may take
+    assert script.shortened(sample, 2048 - keep).needle_position == f
+    for bad in (2048 - keep - 1, 2048, 4096):
+        with pytest.raises(SystemExit, match=f"--shorten {bad}: .* give a length between {2048 - keep} and 2047"):
+            script.shortened(sample, bad)
+
+
+def test_shorten_scores_each_needle_again_in_its_own_group(tmp_path):
+    script = load_benchmark("needle_choice")
+    model = str(_tiny_dir(tmp_path, 2))
+    args = [model, "--lengths", "1024", "--depths", "0.9", "--seeds", "0,1", "--threads", "1"]
+    got = script.main(
+        [*args, "--shorten", "700,900", "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]
+    )
+    assert [(s["length"], s.get("cut_from"), s["seed"]) for s in got["samples"]] == [
+        (1024, None, 0), (700, 1024, 0), (900, 1024, 0), (1024, None, 1), (700, 1024, 1), (900, 1024, 1),
+    ]  # fmt: skip
+    assert list(got["summary"]) == ["700 cut from 1024", "900 cut from 1024", "1024"]
+    assert all(v["needles"] == 2 for v in got["summary"].values())
+    whole = script.main([*args, "--out", str(tmp_path / "w.json")])
+    assert [s["predicted"] for s in whole["samples"]] == [s["predicted"] for s in got["samples"] if "cut_from" not in s]
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):  # argparse: a cut as long as the needle's length is refused before loading
+        script.main([*args, "--shorten", "1024", "--out", str(tmp_path / "x.json")])
