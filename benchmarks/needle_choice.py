@@ -93,33 +93,35 @@ class NeedleReader:
         return index
 
 
-def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleReader | None = None) -> dict:
-    """One needle: the prediction and chosen share of every answer token."""
+def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: NeedleReader | None = None) -> dict:
+    """One needle: the prediction, log-probabilities and chosen share of every answer token
+    (without a ``recorder``, a model without far-block retrieval: ``far`` and the shares None)."""
     from ctxext.loss import final_hidden, lm_logits
 
-    n, m, window = opts.block_sizes[-1], opts.retrieval_block, opts.local == "window"
     answer = sample.input_ids[sample.answer_start :]
     queries = list(range(sample.answer_start - 1, len(sample.input_ids) - 1))  # query i predicts answer token i
     sources = copy_sources(sample.input_ids, sample.needle_position, sample.answer_start)
-    recorder.rows = torch.tensor(queries)
-    recorder.calls.clear()
+    if recorder is not None:
+        n, m, window = opts.block_sizes[-1], opts.retrieval_block, opts.local == "window"
+        recorder.rows = torch.tensor(queries)
+        recorder.calls.clear()
     if reader is not None:  # every head reads the blocks the answer is copied from
         reader.rows, reader.blocks = recorder.rows, tuple(sorted({source // m for source in sources}))
     with torch.inference_mode():  # as ctxext.evaluate.retrieval.teacher_forced_prediction: t predicts t + 1
         hidden = final_hidden(model, torch.tensor([sample.input_ids]))  # (1, N, H)
         logp = lm_logits(model, hidden[:, sample.answer_start - 1 : -1])[0].float().log_softmax(-1)  # (A, V)
     predicted = logp.argmax(-1).tolist()
-    if not recorder.calls:
+    if recorder is not None and not recorder.calls:
         raise SystemExit("no far-block choice was recorded: the model must run on the PyTorch backend (CPU)")
     tokens = []
     for i, (query, source) in enumerate(zip(queries, sources)):
-        share, per_layer = chosen_share(recorder.calls, i, [source // m])
+        share, per_layer = chosen_share(recorder.calls, i, [source // m]) if recorder is not None else (None, None)
         tokens.append(
             {
                 "query": query,
                 "source": source,
                 "distance": query - source,
-                "far": is_far((source, source + 1), query, n, m, window),
+                "far": is_far((source, source + 1), query, n, m, window) if recorder is not None else None,
                 "correct": predicted[i] == answer[i],
                 "logp_right": float(logp[i, answer[i]]),  # nats; the predicted token's below
                 "logp_predicted": float(logp[i, predicted[i]]),
@@ -134,7 +136,7 @@ def score_sample(model, sample, recorder: ChoiceRecorder, opts, reader: NeedleRe
         "correct": predicted == answer,
         "tokens": tokens,
         "predicted": predicted,
-        "layers": len(recorder.calls),
+        "layers": len(recorder.calls) if recorder is not None else None,
         **({"read_needle_blocks": list(reader.blocks)} if reader is not None else {}),
     }
 
@@ -272,7 +274,9 @@ def overlay(named: list[str], path: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "model", nargs="?", help="a tensorized model with retrieve > 0: adapter or model directory, or a source"
+        "model",
+        nargs="?",
+        help="a model: adapter or model directory, or a source (without far-block retrieval: predictions only)",
     )
     ap.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE tensorized override")
     ap.add_argument("--lengths", default="2k,8k", help="comma-separated lengths (k = 1,024)")
@@ -316,13 +320,18 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--shorten: every length must be below the shortest of --lengths ({min(lengths)})")
     model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
     opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
-    if opts is None or not opts.retrieve:
-        raise SystemExit(f"{args.model}: not a tensorized model with far-block retrieval (retrieve > 0)")
+    choosing = opts is not None and bool(opts.retrieve)
+    if not choosing:
+        if args.read_needle:
+            raise SystemExit(f"{args.model}: --read-needle needs a tensorized model with far-block retrieval")
+        print(f"{args.model}: no far-block retrieval, so no choice to record: predictions and log-probabilities only")
     label = args.label or " ".join([Path(args.model).name, *args.settings] + ["--read-needle"] * args.read_needle)
-    result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
-    recorder = ChoiceRecorder(tb.far_block_index)
+    options = opts.to_dict() if opts is not None else None
+    result = {"label": label, "model": args.model, "settings": settings, "options": options, "samples": []}
+    recorder = ChoiceRecorder(tb.far_block_index) if choosing else None
     reader = NeedleReader(recorder) if args.read_needle else None
-    tb.far_block_index = reader or recorder
+    if recorder is not None:
+        tb.far_block_index = reader or recorder
     try:
         for length in lengths:
             for depth in (float(x) for x in args.depths.split(",")):
@@ -334,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
                         scored = _score_and_report(model, tok, cut, seed, recorder, opts, reader, cut_from=length)
                         result["samples"].append(scored)
     finally:
-        tb.far_block_index = recorder.choose
+        if recorder is not None:
+            tb.far_block_index = recorder.choose
     result["summary"] = summary(result["samples"])
     for length, s in result["summary"].items():
         print(

@@ -82,10 +82,21 @@ def test_copy_sources_find_the_answer_after_the_needle():
         script.copy_sources([1, 2, 3, 4, 5, 6], 1, 4)
 
 
-def test_a_model_without_retrieval_is_refused(tmp_path):
+def test_a_model_without_retrieval_is_scored_without_a_choice(tmp_path):
+    """Full attention (or the window alone) as a control: predictions and log-probabilities, no shares."""
     script = load_benchmark("needle_choice")
-    with pytest.raises(SystemExit, match="far-block retrieval"):
-        script.main([str(_tiny_dir(tmp_path, 0)), *ARGS, "--out", str(tmp_path / "x.json")])
+    import ctxext.attention.torch_backend as tb
+
+    original = tb.far_block_index
+    model = str(_tiny_dir(tmp_path, 0))
+    got = script.main([model, *ARGS, "--shorten", "1000", "--out", str(tmp_path / "x.json")])
+    assert tb.far_block_index is original and len(got["samples"]) == 4
+    for s in got["samples"]:
+        assert s["layers"] is None and len(s["predicted"]) == len(s["tokens"]) == len(s["answer"]) + 1
+        assert all(t["far"] is None and t["chosen_share"] is None and t["logp_right"] <= 0 for t in s["tokens"])
+    assert got["summary"]["1024"]["far_tokens"] == 0 and got["summary"]["1024"]["chosen_share_right"] is None
+    with pytest.raises(SystemExit, match="--read-needle needs a tensorized model with far-block retrieval"):
+        script.main([model, *ARGS, "--read-needle", "--out", str(tmp_path / "y.json")])
 
 
 def test_the_exact_score_finds_at_least_what_the_bound_finds_with_one_block(tmp_path):

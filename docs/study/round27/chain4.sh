@@ -1,0 +1,15 @@
+#!/bin/bash
+# Round 27, after chain3.sh: the same two 32k needles (and their 8k / 16k cuts) under full attention, as
+# controls for the first answer token: SmolLM2 itself (SDPA; the cuts to 8k lie inside its native
+# context) and full attention with yarn x4 fine-tuned the same way at 2k (round 4's `full-yarn`).
+cd "$(git rev-parse --show-toplevel)" && mkdir -p runs/r27
+while [ ! -f runs/r27/chain3.done ]; do sleep 30; done
+log() { date -u +"%F %T $*" >> runs/r27/times.log; }
+for m in smollm2 runs/study/train/full-yarn/adapter; do
+  name=$(basename $(dirname $m))-$(basename $m); [ $m = smollm2 ] && name=smollm2
+  log "needle_choice $name 32k shorten 8k,16k depth 0.9 start"
+  .venv/bin/python benchmarks/needle_choice.py $m --lengths 32k --depths 0.9 --seeds 0,1 --shorten 8k,16k --threads 2 \
+    --out runs/r27/nc-$name-shorten-d0.9.json > runs/r27/nc-$name-shorten-d0.9.log 2>&1
+  log "needle_choice $name 32k shorten 8k,16k depth 0.9 done rc $?"
+done
+echo done > runs/r27/chain4.done
