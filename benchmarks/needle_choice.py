@@ -31,7 +31,9 @@ oracle finds?
 ``--read-needle`` is a different oracle: every (layer, query head) pair reads the needle's far
 block(s) on the answer's queries (where its own choice left them out, they replace its last pick),
 while the recorded chosen share stays the model's own. If a token the model missed comes right
-when every head reads the needle, the choice lost it; if it stays wrong, reading it was not enough.
+when every head reads the needle, the choice lost it; if it stays wrong, reading it there was not
+enough. ``--read-needle question`` forces the read from the question's first token on, so the
+question's own tokens (the city's name) read the needle too.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class NeedleReader:
     rows: torch.Tensor | None = None
     blocks: tuple[int, ...] = ()
 
-    def __init__(self, choose):
-        self.choose = choose
+    def __init__(self, choose, from_question: bool = False):
+        self.choose, self.from_question = choose, from_question  # rows: the answer's queries, or from the question
 
     def __call__(self, qs, ks, key_ok, opts, *rest):
         index = self.choose(qs, ks, key_ok, opts, *rest)
@@ -106,7 +108,8 @@ def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: N
         recorder.rows = torch.tensor(queries)
         recorder.calls.clear()
     if reader is not None:  # every head reads the blocks the answer is copied from
-        reader.rows, reader.blocks = recorder.rows, tuple(sorted({source // m for source in sources}))
+        rows = range(sample.question_start, len(sample.input_ids) - 1) if reader.from_question else queries
+        reader.rows, reader.blocks = torch.tensor(list(rows)), tuple(sorted({source // m for source in sources}))
     with torch.inference_mode():  # as ctxext.evaluate.retrieval.teacher_forced_prediction: t predicts t + 1
         hidden = final_hidden(model, torch.tensor([sample.input_ids]))  # (1, N, H)
         logp = lm_logits(model, hidden[:, sample.answer_start - 1 : -1])[0].float().log_softmax(-1)  # (A, V)
@@ -137,7 +140,7 @@ def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: N
         "tokens": tokens,
         "predicted": predicted,
         "layers": len(recorder.calls) if recorder is not None else None,
-        **({"read_needle_blocks": list(reader.blocks)} if reader is not None else {}),
+        **({"read_needle_blocks": list(reader.blocks), "read_needle_from": int(reader.rows[0])} if reader else {}),
     }
 
 
@@ -160,6 +163,7 @@ def shortened(sample, length: int):
         sample,
         input_ids=ids[:start] + ids[start + cut :],
         answer_start=sample.answer_start - cut,
+        question_start=sample.question_start - cut,
         needle_position=sample.needle_position - cut,
         length=length,
     )
@@ -285,8 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--label", help="name in the plot title (default: the model and its --set)")
     ap.add_argument(
         "--read-needle",
-        action="store_true",
-        help="oracle: every head also reads the needle's far block(s) on the answer's queries",
+        nargs="?",
+        const="answer",
+        choices=("answer", "question"),
+        help="oracle: every head also reads the needle's far block(s) on the answer's queries "
+        "(answer, the default) or from the question's first token on (question)",
     )
     ap.add_argument(
         "--shorten",
@@ -325,11 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.read_needle:
             raise SystemExit(f"{args.model}: --read-needle needs a tensorized model with far-block retrieval")
         print(f"{args.model}: no far-block retrieval, so no choice to record: predictions and log-probabilities only")
-    label = args.label or " ".join([Path(args.model).name, *args.settings] + ["--read-needle"] * args.read_needle)
+    forced = [f"--read-needle {args.read_needle}"] if args.read_needle else []
+    label = args.label or " ".join([Path(args.model).name, *args.settings, *forced])
     options = opts.to_dict() if opts is not None else None
     result = {"label": label, "model": args.model, "settings": settings, "options": options, "samples": []}
     recorder = ChoiceRecorder(tb.far_block_index) if choosing else None
-    reader = NeedleReader(recorder) if args.read_needle else None
+    reader = NeedleReader(recorder, args.read_needle == "question") if args.read_needle else None
     if recorder is not None:
         tb.far_block_index = reader or recorder
     try:

@@ -74,6 +74,7 @@ class Sample:
     needle_position: int  # index in input_ids where the key information starts
     answer: str  # the answer text, e.g. "68413"
     filler_start: int = 0  # index in input_ids where the filler starts (after the BOS and the instruction)
+    question_start: int = 0  # index in input_ids where the question starts (after the filler)
 
 
 @dataclass
@@ -350,7 +351,9 @@ def make_sample(task: str, tokenizer, length: int, depth: float, seed: int, hays
         if i == texts.key:
             needle_position = len(input_ids)
         input_ids += ids
-    input_ids += filler[cursor:] + toks.question
+    input_ids += filler[cursor:]
+    question_start = len(input_ids)
+    input_ids += toks.question
     answer_start = len(input_ids)
     input_ids += toks.answer
     assert len(input_ids) == length, (len(input_ids), length)
@@ -363,4 +366,5 @@ def make_sample(task: str, tokenizer, length: int, depth: float, seed: int, hays
         needle_position=needle_position,
         answer=texts.answer.strip(),
         filler_start=filler_start,
+        question_start=question_start,
     )

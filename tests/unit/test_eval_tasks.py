@@ -72,7 +72,7 @@ def test_lengths_within_bounds(tok, task):
         assert n <= length
         if length >= 512:
             assert n >= 0.9 * length
-        assert 0 < s.filler_start <= s.needle_position < s.answer_start < n
+        assert 0 < s.filler_start <= s.needle_position < s.question_start < s.answer_start < n
         assert all(isinstance(i, int) and 0 <= i < len(tok) for i in s.input_ids)
         assert (s.task, s.length, s.depth) == (task, length, 0.5)
 
@@ -257,7 +257,7 @@ def test_unknown_task_lists_the_known_ones(byte):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_the_filler_starts_after_the_instruction_alone(tok, task):
+def test_the_filler_starts_after_the_instruction_and_the_question_after_the_filler(tok, task):
     """``filler_start``: the tokens before it are the same for every seed and length (BOS and
     instruction); the first filler token already differs between seeds of real text."""
     a, b = (make_sample(task, tok, 1024, 0.5, seed=s) for s in (0, 1))
@@ -265,3 +265,5 @@ def test_the_filler_starts_after_the_instruction_alone(tok, task):
     assert a.input_ids[: a.filler_start] == b.input_ids[: b.filler_start]
     instruction = tok.decode(a.input_ids[: a.filler_start], skip_special_tokens=True)
     assert instruction.strip() == _PREFIX[task].strip()
+    question = tok.decode(a.input_ids[a.question_start : a.answer_start])
+    assert question.startswith("\nWhat ") and question.rstrip().endswith(("is", "is?")), question

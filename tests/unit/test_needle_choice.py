@@ -148,6 +148,9 @@ def test_the_needle_reader_adds_the_blocks_on_its_rows_only():
 
 
 def test_read_needle_records_the_models_own_choice_while_every_head_reads_the_needle(tmp_path, monkeypatch):
+    from ctxext.evaluate.tasks import make_sample
+    from ctxext.tiny import byte_tokenizer
+
     """The oracle's run keeps the recorded shares of the plain run (the model's own choice), while
     the choice each layer's attention receives holds the needle's blocks in every head."""
     script = load_benchmark("needle_choice")
@@ -173,8 +176,19 @@ def test_read_needle_records_the_models_own_choice_while_every_head_reads_the_ne
     for p, r in zip(plain["samples"], read["samples"]):
         assert [t["chosen_share"] for t in p["tokens"]] == [t["chosen_share"] for t in r["tokens"]]
         assert r["read_needle_blocks"] == sorted({t["source"] // 16 for t in r["tokens"]})
+        assert r["read_needle_from"] == r["tokens"][0]["query"], "by default from the answer's first query"
     far = [t["chosen_share"] for s in plain["samples"] for t in s["tokens"] if t["far"]]
     assert far and min(far) < 1.0, "the model's own choice misses the needle somewhere: the oracle reads more"
+
+    received.clear()  # from the question's first token on: the question's tokens read the needle too
+    asked = script.main([model, *ARGS, "--read-needle", "question", "--out", str(tmp_path / "q.json")])
+    assert "--read-needle question" in asked["label"] and received and all(bool(r.all()) for r in received)
+    for r in asked["samples"]:
+        sample = make_sample("needle", byte_tokenizer(), 1024, r["depth"], r["seed"])
+        assert r["read_needle_from"] == sample.question_start < sample.answer_start - 1
+        assert [t["chosen_share"] for t in r["tokens"]] == [
+            t["chosen_share"] for p in plain["samples"] if p["depth"] == r["depth"] for t in p["tokens"]
+        ]
 
 
 def test_a_shortened_needle_keeps_the_instruction_needle_and_question():
@@ -190,6 +204,7 @@ def test_a_shortened_needle_keeps_the_instruction_needle_and_question():
     assert short.input_ids[f:] == sample.input_ids[f + cut :], "the haystack loses its first tokens only"
     assert short.input_ids[short.needle_position :] == sample.input_ids[sample.needle_position :]
     assert short.input_ids[short.answer_start :] == sample.input_ids[sample.answer_start :]
+    assert short.input_ids[short.question_start :] == sample.input_ids[sample.question_start :]
     keep = sample.needle_position - f  # filler tokens before the needle: the most the cut may take
     assert script.shortened(sample, 2048 - keep).needle_position == f
     for bad in (2048 - keep - 1, 2048, 4096):
