@@ -34,6 +34,12 @@ while the recorded chosen share stays the model's own. If a token the model miss
 when every head reads the needle, the choice lost it; if it stays wrong, reading it there was not
 enough. ``--read-needle question`` forces the read from the question's first token on, so the
 question's own tokens (the city's name) read the needle too.
+
+``--choose-recent LENGTH`` asks whether the far blocks a long haystack adds hurt where the
+question is asked: from the question's first token on, far blocks are chosen as if the haystack
+had been cut to LENGTH (``--shorten``): only keys of the instruction and of the last LENGTH tokens
+are retrievable there, while every earlier token chooses from the whole haystack as before. Here
+the recorded chosen share is that of the choice the attention receives.
 """
 
 from __future__ import annotations
@@ -95,7 +101,34 @@ class NeedleReader:
         return index
 
 
-def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: NeedleReader | None = None) -> dict:
+class RecentChooser:
+    """Wraps the far-block choice (``choose(qs, ks, key_ok, opts, n)``, a whole forward pass): on the
+    query slots from ``first_row`` on, blocks are chosen again by ``fresh`` (the unwrapped choice)
+    with only the keys before ``filler_start`` or from ``first_key`` on retrievable. ``keep``: the
+    cut haystack's length in tokens. Off while ``first_row`` is None."""
+
+    first_row: int | None = None
+    first_key: int = 0
+    filler_start: int = 0
+
+    def __init__(self, fresh, keep: int):
+        self.fresh, self.keep = fresh, keep
+
+    def __call__(self, qs, ks, key_ok, opts, n):
+        index = self.fresh(qs, ks, key_ok, opts, n)  # (B, Hq, L, top)
+        if self.first_row is None:
+            return index
+        slots = torch.arange(self.first_row, qs.shape[2], device=qs.device)  # (R,)
+        position = torch.arange(ks.shape[2], device=ks.device)
+        recent = key_ok & ((position >= self.first_key) | (position < self.filler_start))[None]  # (B, L)
+        index = index.clone()
+        index[:, :, slots] = self.fresh(qs[:, :, slots], ks, recent, opts, n, q_slots=slots)
+        return index
+
+
+def score_sample(
+    model, sample, recorder: ChoiceRecorder | None, opts, reader: NeedleReader | None = None, recent=None
+) -> dict:
     """One needle: the prediction, log-probabilities and chosen share of every answer token
     (without a ``recorder``, a model without far-block retrieval: ``far`` and the shares None)."""
     from ctxext.loss import final_hidden, lm_logits
@@ -110,6 +143,9 @@ def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: N
     if reader is not None:  # every head reads the blocks the answer is copied from
         rows = range(sample.question_start, len(sample.input_ids) - 1) if reader.from_question else queries
         reader.rows, reader.blocks = torch.tensor(list(rows)), tuple(sorted({source // m for source in sources}))
+    if recent is not None:  # from the question on, choose among the far blocks a cut haystack would hold
+        recent.first_row, recent.filler_start = sample.question_start, sample.filler_start
+        recent.first_key = max(sample.filler_start, len(sample.input_ids) - recent.keep + sample.filler_start)
     with torch.inference_mode():  # as ctxext.evaluate.retrieval.teacher_forced_prediction: t predicts t + 1
         hidden = final_hidden(model, torch.tensor([sample.input_ids]))  # (1, N, H)
         logp = lm_logits(model, hidden[:, sample.answer_start - 1 : -1])[0].float().log_softmax(-1)  # (A, V)
@@ -141,6 +177,7 @@ def score_sample(model, sample, recorder: ChoiceRecorder | None, opts, reader: N
         "predicted": predicted,
         "layers": len(recorder.calls) if recorder is not None else None,
         **({"read_needle_blocks": list(reader.blocks), "read_needle_from": int(reader.rows[0])} if reader else {}),
+        **({"choose_recent_from_key": recent.first_key} if recent else {}),
     }
 
 
@@ -296,6 +333,12 @@ def main(argv: list[str] | None = None) -> dict:
         "(answer, the default) or from the question's first token on (question)",
     )
     ap.add_argument(
+        "--choose-recent",
+        default="",
+        metavar="LENGTH",
+        help="from the question on, choose far blocks only among those a haystack cut to LENGTH would hold",
+    )
+    ap.add_argument(
         "--shorten",
         default="",
         help="comma-separated lengths: each needle is scored again with its haystack cut from the front to each",
@@ -323,20 +366,25 @@ def main(argv: list[str] | None = None) -> dict:
     settings = parse_settings(args.settings)
     shorten = [parse_length(x) for x in args.shorten.split(",") if x]
     lengths = [parse_length(x) for x in args.lengths.split(",")]
+    keep = parse_length(args.choose_recent) if args.choose_recent else None
+    if keep is not None and (args.read_needle or shorten):
+        ap.error("--choose-recent is an oracle of its own: give it without --read-needle and --shorten")
     if shorten and max(shorten) >= min(lengths):
         ap.error(f"--shorten: every length must be below the shortest of --lengths ({min(lengths)})")
     model, tok = load_entry(ModelEntry(args.model, args.model, settings=settings or None), torch.device("cpu"))
     opts = options_from_config(model.config) if model.config._attn_implementation == "tensorized" else None
     choosing = opts is not None and bool(opts.retrieve)
     if not choosing:
-        if args.read_needle:
-            raise SystemExit(f"{args.model}: --read-needle needs a tensorized model with far-block retrieval")
+        if args.read_needle or keep:
+            raise SystemExit(f"{args.model}: --read-needle and --choose-recent need a model with far-block retrieval")
         print(f"{args.model}: no far-block retrieval, so no choice to record: predictions and log-probabilities only")
     forced = [f"--read-needle {args.read_needle}"] if args.read_needle else []
+    forced += [f"--choose-recent {args.choose_recent}"] if keep else []
     label = args.label or " ".join([Path(args.model).name, *args.settings, *forced])
     options = opts.to_dict() if opts is not None else None
     result = {"label": label, "model": args.model, "settings": settings, "options": options, "samples": []}
-    recorder = ChoiceRecorder(tb.far_block_index) if choosing else None
+    recent = RecentChooser(tb.far_block_index, keep) if keep else None
+    recorder = ChoiceRecorder(recent or tb.far_block_index) if choosing else None
     reader = NeedleReader(recorder, args.read_needle == "question") if args.read_needle else None
     if recorder is not None:
         tb.far_block_index = reader or recorder
@@ -345,14 +393,16 @@ def main(argv: list[str] | None = None) -> dict:
             for depth in (float(x) for x in args.depths.split(",")):
                 for seed in (int(x) for x in args.seeds.split(",")):
                     sample = make_sample("needle", tok, length, depth, seed)
-                    result["samples"].append(_score_and_report(model, tok, sample, seed, recorder, opts, reader))
+                    result["samples"].append(
+                        _score_and_report(model, tok, sample, seed, recorder, opts, reader, recent)
+                    )
                     for short in shorten:
                         cut = shortened(sample, short)
                         scored = _score_and_report(model, tok, cut, seed, recorder, opts, reader, cut_from=length)
                         result["samples"].append(scored)
     finally:
         if recorder is not None:
-            tb.far_block_index = recorder.choose
+            tb.far_block_index = recent.fresh if recent is not None else recorder.choose
     result["summary"] = summary(result["samples"])
     for length, s in result["summary"].items():
         print(
@@ -368,11 +418,13 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _score_and_report(model, tok, sample, seed: int, recorder, opts, reader, cut_from: int | None = None) -> dict:
+def _score_and_report(
+    model, tok, sample, seed: int, recorder, opts, reader, recent=None, cut_from: int | None = None
+) -> dict:
     """Score one needle (:func:`score_sample`), print its line, and return it with its seed."""
     from ctxext.generation import answer_matches
 
-    scored = {"seed": seed, **score_sample(model, sample, recorder, opts, reader)}
+    scored = {"seed": seed, **score_sample(model, sample, recorder, opts, reader, recent)}
     if cut_from is not None:
         scored["cut_from"] = cut_from
     # the digits alone, by `ctxext eval --scoring generate`'s rule: a needle "missed" for a newline

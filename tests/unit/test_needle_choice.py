@@ -95,7 +95,7 @@ def test_a_model_without_retrieval_is_scored_without_a_choice(tmp_path):
         assert s["layers"] is None and len(s["predicted"]) == len(s["tokens"]) == len(s["answer"]) + 1
         assert all(t["far"] is None and t["chosen_share"] is None and t["logp_right"] <= 0 for t in s["tokens"])
     assert got["summary"]["1024"]["far_tokens"] == 0 and got["summary"]["1024"]["chosen_share_right"] is None
-    with pytest.raises(SystemExit, match="--read-needle needs a tensorized model with far-block retrieval"):
+    with pytest.raises(SystemExit, match="--read-needle and --choose-recent need a model with far-block retrieval"):
         script.main([model, *ARGS, "--read-needle", "--out", str(tmp_path / "y.json")])
 
 
@@ -229,3 +229,23 @@ def test_shorten_scores_each_needle_again_in_its_own_group(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 1000
     with pytest.raises(SystemExit):  # argparse: a cut as long as the needle's length is refused before loading
         script.main([*args, "--shorten", "1024", "--out", str(tmp_path / "x.json")])
+
+
+def test_choose_recent_hides_the_far_blocks_before_the_cut_from_the_question_on(tmp_path):
+    """Reading every far block, the answer's queries read the needle's; with the needle before the
+    cut, the choice the attention receives never holds its block there."""
+    script = load_benchmark("needle_choice")
+    import ctxext.attention.torch_backend as tb
+
+    original = tb.far_block_index
+    model = str(_tiny_dir(tmp_path, 2))
+    args = [model, "--set", "retrieve=64", "--lengths", "1024", "--depths", "0.1", "--seeds", "0", "--threads", "1"]
+    plain = script.main([*args, "--out", str(tmp_path / "p.json")])
+    recent = script.main([*args, "--choose-recent", "600", "--out", str(tmp_path / "r.json")])
+    assert tb.far_block_index is original and "--choose-recent 600" in recent["label"]
+    sample, cut = plain["samples"][0], recent["samples"][0]
+    assert cut["choose_recent_from_key"] > sample["tokens"][0]["source"], "the needle lies before the cut"
+    assert {t["chosen_share"] for t in sample["tokens"] if t["far"]} == {1.0}, "every block read: the needle's too"
+    assert [t["chosen_share"] for t in cut["tokens"] if t["far"]] == [0.0] * sum(t["far"] for t in cut["tokens"])
+    with pytest.raises(SystemExit):  # argparse: one oracle at a time
+        script.main([*args, "--choose-recent", "600", "--read-needle", "--out", str(tmp_path / "x.json")])
