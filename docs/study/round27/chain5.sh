@@ -1,9 +1,9 @@
 #!/bin/bash
-# Round 27, after chain4.sh: the two 32k needles, half the far blocks as candidates, with the choice from the
+# Round 27, after chain4.sh's SmolLM2 run: the two 32k needles, half the far blocks as candidates, with the choice from the
 # question's first token on made among the far blocks of the 8k cut alone (--choose-recent 8k; every
 # earlier token chooses from the whole haystack). Does the first token come back to the 8k cut's level?
 cd "$(git rev-parse --show-toplevel)" && mkdir -p runs/r27
-while [ ! -f runs/r27/chain4.done ]; do sleep 30; done
+while [ ! -f runs/r27/nc-smollm2-shorten-d0.9.json ]; do sleep 30; done
 B=runs/study/train/retrieve-b64-c32
 log() { date -u +"%F %T $*" >> runs/r27/times.log; }
 log "needle_choice 32k share 0.5 choose-recent 8k depth 0.9 start"
