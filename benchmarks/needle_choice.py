@@ -37,8 +37,9 @@ question's own tokens (the city's name) read the needle too.
 
 ``--choose-recent LENGTH`` asks whether the far blocks a long haystack adds hurt where the
 question is asked: from the question's first token on, far blocks are chosen as if the haystack
-had been cut to LENGTH (``--shorten``): only keys of the instruction and of the last LENGTH tokens
-are retrievable there, while every earlier token chooses from the whole haystack as before. Here
+had been cut to LENGTH (``--shorten``): only the keys such a cut keeps (the instruction and the
+haystack's last tokens) are retrievable there, while every earlier token chooses from the whole
+haystack as before. Here
 the recorded chosen share is that of the choice the attention receives.
 """
 
@@ -127,7 +128,12 @@ class RecentChooser:
 
 
 def score_sample(
-    model, sample, recorder: ChoiceRecorder | None, opts, reader: NeedleReader | None = None, recent=None
+    model,
+    sample,
+    recorder: ChoiceRecorder | None,
+    opts,
+    reader: NeedleReader | None = None,
+    recent: RecentChooser | None = None,
 ) -> dict:
     """One needle: the prediction, log-probabilities and chosen share of every answer token
     (without a ``recorder``, a model without far-block retrieval: ``far`` and the shares None)."""
@@ -432,13 +438,16 @@ def _score_and_report(
     scored["number_read"] = answer_matches(tok.decode(scored["predicted"]), sample.answer)
     far = [t for t in scored["tokens"] if t["far"]]
     first = scored["tokens"][0]
+    choice = (
+        f"; far tokens right {sum(t['correct'] for t in far)}/{len(far)}, chosen share "
+        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far)
+        if recorder is not None
+        else ""
+    )
     print(
         f"{group_key(scored):>6} depth {sample.depth:.2f} seed {seed}: {'PASS' if scored['correct'] else 'miss'} "
-        f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}; far tokens right "
-        f"{sum(t['correct'] for t in far)}/{len(far)}, chosen share "
-        + " ".join(f"{100 * t['chosen_share']:.0f}{'' if t['correct'] else '!'}" for t in far)
-        + f"; first token p right {math.exp(first['logp_right']):.3f}, "
-        f"p predicted {math.exp(first['logp_predicted']):.3f}",
+        f"answer {sample.answer!r} predicted {tok.decode(scored['predicted'])!r}{choice}; first token p right "
+        f"{math.exp(first['logp_right']):.3f}, p predicted {math.exp(first['logp_predicted']):.3f}",
         flush=True,
     )
     return scored
