@@ -13,7 +13,7 @@ log "needle_choice 32k share 0.5 read-needle question depth 0.9 start"
   --depths 0.9 --seeds 0,1 --read-needle question --threads 2 --out runs/r27/nc-32k-share0.5-readq-d0.9.json \
   > runs/r27/nc-32k-share0.5-readq-d0.9.log 2>&1
 log "needle_choice 32k share 0.5 read-needle question depth 0.9 done rc $?"
-for m in smollm2; do  # full-yarn moved to chain6.sh (this chain was stopped after smollm2 for chain5.sh)
+for m in smollm2; do  # full-yarn: not run this round (this chain was stopped after smollm2 for chain5.sh; no time left)
   name=$(basename $(dirname $m))-$(basename $m); [ $m = smollm2 ] && name=smollm2
   log "needle_choice $name 32k shorten 8k,16k depth 0.9 start"
   .venv/bin/python benchmarks/needle_choice.py $m --lengths 32k --depths 0.9 --seeds 0,1 --shorten 8k,16k --threads 2 \
