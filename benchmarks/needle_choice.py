@@ -137,7 +137,7 @@ def score_sample(
 ) -> dict:
     """One needle: the prediction, log-probabilities and chosen share of every answer token
     (without a ``recorder``, a model without far-block retrieval: ``far`` and the shares None)."""
-    from ctxext.loss import final_hidden, lm_logits
+    from ctxext.evaluate.retrieval import teacher_forced_logprobs
 
     answer = sample.input_ids[sample.answer_start :]
     queries = list(range(sample.answer_start - 1, len(sample.input_ids) - 1))  # query i predicts answer token i
@@ -152,9 +152,8 @@ def score_sample(
     if recent is not None:  # from the question on, choose among the far blocks a cut haystack would hold
         recent.first_row, recent.filler_start = sample.question_start, sample.filler_start
         recent.first_key = max(sample.filler_start, len(sample.input_ids) - recent.keep + sample.filler_start)
-    with torch.inference_mode():  # as ctxext.evaluate.retrieval.teacher_forced_prediction: t predicts t + 1
-        hidden = final_hidden(model, torch.tensor([sample.input_ids]))  # (1, N, H)
-        logp = lm_logits(model, hidden[:, sample.answer_start - 1 : -1])[0].float().log_softmax(-1)  # (A, V)
+    with torch.inference_mode():
+        logp = teacher_forced_logprobs(model, sample.input_ids, sample.answer_start)  # (A, V)
     predicted = logp.argmax(-1).tolist()
     if recorder is not None and not recorder.calls:
         raise SystemExit("no far-block choice was recorded: the model must run on the PyTorch backend (CPU)")

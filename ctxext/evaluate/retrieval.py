@@ -13,13 +13,19 @@ from ..loss import final_hidden, lm_logits
 
 
 @torch.no_grad()
-def teacher_forced_prediction(model, input_ids: list[int], answer_start: int) -> list[int]:
-    """The argmax token at every answer position, each predicted from the true tokens before it."""
+def teacher_forced_logprobs(model, input_ids: list[int], answer_start: int) -> torch.Tensor:
+    """``(A, V)`` float32 log-probabilities of the next token at every answer position (``A``
+    answer tokens, ``V`` the vocabulary), each predicted from the true tokens before it."""
     device = next(model.parameters()).device
     x = torch.tensor([input_ids], device=device)
     hidden = final_hidden(model, x)  # (1, N, H)
     # Position t predicts token t+1: the answer tokens are predicted from answer_start-1 .. N-2.
-    return lm_logits(model, hidden[:, answer_start - 1 : -1]).argmax(dim=-1)[0].tolist()
+    return lm_logits(model, hidden[:, answer_start - 1 : -1])[0].float().log_softmax(dim=-1)
+
+
+def teacher_forced_prediction(model, input_ids: list[int], answer_start: int) -> list[int]:
+    """The argmax token at every answer position, each predicted from the true tokens before it."""
+    return teacher_forced_logprobs(model, input_ids, answer_start).argmax(dim=-1).tolist()
 
 
 def teacher_forced_correct(model, input_ids: list[int], answer_start: int) -> bool:
