@@ -127,6 +127,7 @@ def tensorized_attention(
     retrieve_score_block: int = 0,
     retrieve_candidates: int = 0,
     retrieve_candidate_share: float = 0.0,
+    retrieve_bias: float = 0.0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -163,6 +164,7 @@ def tensorized_attention(
             ``max q . k`` over their keys picks the ``retrieve`` best (0: the bound alone).
         retrieve_candidate_share: candidates as a share of each query's far blocks: the bound
             proposes ``max(retrieve_candidates, ceil(share * far blocks))`` (0: off; at most 1).
+        retrieve_bias: nats subtracted from every far key's logit (0: none).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -196,6 +198,7 @@ def tensorized_attention(
         retrieve_score_block=retrieve_score_block,
         retrieve_candidates=retrieve_candidates,
         retrieve_candidate_share=retrieve_candidate_share,
+        retrieve_bias=retrieve_bias,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

@@ -38,7 +38,7 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   one softmax with the rest. With ``rope="axis"`` those scores use the query at coordinate
   ``p - start`` and a retrieved slot at ``(slot mod m) - m`` (``retrieve_frame="stacked"``) or,
   ``"ordered"``, at ``(slot mod m) - (r + 1) m`` with r the number of blocks p chose after the
-  slot's block.
+  slot's block. ``retrieve_bias`` is subtracted from every far slot's score (after the softcap).
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -166,7 +166,7 @@ def reference_tensorized_attention(
             keys_far = k_far[:, :, far_slots]  # (B, H, F, D)
             if order_freq is not None:  # a block with r later chosen blocks moves back by r m
                 keys_far = rerotate(keys_far, -(rank[:, :, p, far_blocks] * m).to(compute), order_freq)
-            s = torch.cat([s, score(q_far[:, :, p], keys_far)], dim=-1)
+            s = torch.cat([s, score(q_far[:, :, p], keys_far) - opts.retrieve_bias], dim=-1)
             vals = torch.cat([vals, values[:, :, far_slots]], dim=2)
             picked = chosen[:, :, p, far_blocks] & far_ok[:, None, far_slots]  # (B, H, F)
             mask = torch.cat([mask, picked], dim=-1)

@@ -349,8 +349,9 @@ def torch_tensorized_attention(
         sq = summary_query.to(compute)[None, :, None, :].expand(b, hq, lp, d)
         summary_q = q + rerotate(sq, positions[:, None, :], inv_freq) * scaling
     C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q)
-    if retrieval is not None:  # one softmax over window, sinks and the retrieved blocks
-        C, lse_C = merge_streams(C, lse_C, *retrieval)
+    if retrieval is not None:  # one softmax over window, sinks and the retrieved blocks (far logits - bias)
+        far, lse_far = retrieval
+        C, lse_C = merge_streams(C, lse_C, far, lse_far - opts.retrieve_bias)
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):

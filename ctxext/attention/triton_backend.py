@@ -420,7 +420,8 @@ def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv
     if retrieve:
         prec = dot_precision(q.dtype)
         retrieved = retrieved_stream(qa, ka, va, ok, pos, opts, n, scale, cap, inv_freq, fused=True, precision=prec)
-        C, lse_C = merge_streams(C, lse_C, *retrieved)
+        far, lse_far = retrieved
+        C, lse_C = merge_streams(C, lse_C, far, lse_far - opts.retrieve_bias)  # far logits lowered by the bias
     streams = (C, lse_C, Fs, lse_F)
     for hop in plan[1:]:
         vm, vd, lse_ci, lse_fi = _hop_inputs(hop, v, streams)

@@ -465,3 +465,14 @@ def test_triton_backend_with_a_candidate_share_takes_the_pytorch_choice_and_matc
     oc.assert_close(got, oc.run_api("torch", q, k, v, (4,), opts), 2e-5, "candidate share on the kernels")
     fixed = oc.run_api("torch", q, k, v, (4,), {**opts, "retrieve_candidate_share": 0.0})
     assert (got - fixed).abs().max() > 1e-4, "the share must change the choice here, or this shows nothing"
+
+
+def test_triton_backend_with_a_far_bias_matches_torch():
+    """``retrieve_bias``: the far read merges with the local softmax less 1.5 nats, on the kernels as in PyTorch."""
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=61, dim=8, seed=41, dtype=torch.float32)
+    opts = dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, retrieve_candidates=4,
+                rope="axis", retrieve_bias=1.5)  # fmt: skip
+    got = oc.run_api("triton", q, k, v, (4,), opts)
+    oc.assert_close(got, oc.run_api("torch", q, k, v, (4,), opts), 2e-5, "far bias on the kernels")
+    plain = oc.run_api("triton", q, k, v, (4,), {**opts, "retrieve_bias": 0.0})
+    assert (got - plain).abs().max() > 1e-3, "the bias must change the output here, or this shows nothing"
