@@ -133,8 +133,8 @@ def convert(
         float,
         typer.Option(
             help="Nats subtracted from every far key's attention logit, so the chosen far blocks take less of a "
-            "query's softmax beside its window (0: none). Zero-shot at 32k, 0.5-1 found a needle the far blocks "
-            "had cost (quality study, round 28); not measured beyond that."
+            "query's softmax beside its window (0: none). Measured zero-shot in the quality study, round 28 "
+            "(docs/RESULTS.md); not a default."
         ),
     ] = 0.0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",

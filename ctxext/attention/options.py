@@ -71,8 +71,8 @@ class TensorizedOptions:
     retrieve_bias: nats subtracted from every far key's attention logit (0: none), so the chosen far
         blocks take a smaller share of a query's softmax beside its sinks and window: their odds
         against the local keys shrink by ``exp(-retrieve_bias)``. The choice itself is unchanged.
-        Zero-shot at 32k, about 1 nat found a needle whose first answer token the far blocks had
-        turned into a newline (quality study, round 28).
+        Measured zero-shot on the 2k-trained default model in the quality study, round 28
+        (``docs/RESULTS.md``); not a default.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
