@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from needle_choice import _key_order, _title, group_key, shortened  # noqa: E402
+from needle_choice import group_key, group_order, group_title, shortened  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ class Variant:
 
 @dataclass
 class FarReadProbe:
-    """Stands in for ``ctxext.attention.decode``'s ``merge_streams`` and ``far_block_index`` while
-    a variant runs: applies its bias and read limit and records every layer's far share.
+    """Stands in for ``ctxext.attention.decode``'s ``merge_far`` and ``far_block_index`` while
+    a variant runs: applies its bias (on top of the model's ``retrieve_bias``) and read limit and
+    records every layer's far share.
 
     ``shares``: one ``(Q,)`` tensor per layer call, the far share of each new query averaged over
     the query heads (after the bias: the share the attention receives)."""
@@ -77,12 +78,13 @@ class FarReadProbe:
     variant: Variant = field(default_factory=Variant)
     shares: list = field(default_factory=list)
 
-    def merge_streams(self, out_local, lse_local, out_far, lse_far):
-        # out: (Hq, Q, D), lse: (Hq, Q); lse_far is -inf where a query chose nothing
-        lse_far = lse_far - self.variant.bias if self.variant.bias else lse_far
+    def merge_far(self, out_local, lse_local, out_far, lse_far, bias):
+        # out: (Hq, Q, D), lse: (Hq, Q); lse_far is -inf where a query chose nothing; bias: the model's own
+        bias = bias + self.variant.bias
+        lse_far = lse_far - bias if bias else lse_far
         share = torch.exp(lse_far - torch.logaddexp(lse_local, lse_far))  # (Hq, Q), 0 where lse_far = -inf
         self.shares.append(share.float().mean(0).cpu())
-        return self.merge(out_local, lse_local, out_far, lse_far)
+        return self.merge(out_local, lse_local, out_far, lse_far, 0.0)
 
     def far_block_index(self, *args, **kwargs):
         index = self.choose(*args, **kwargs)  # (B, Hq, Q, top), best first
@@ -157,7 +159,7 @@ def summary(samples: list[dict]) -> dict:
     """Per group (length, cut) and variant: needles passed, numbers read, the mean p(right first
     token) and the far share on the first answer token (mean over layers and needles)."""
     out = {}
-    for key in sorted({group_key(s) for s in samples}, key=_key_order):
+    for key in sorted({group_key(s) for s in samples}, key=group_order):
         group = [s for s in samples if group_key(s) == key]
         out[key] = {}
         for i, v in enumerate(group[0]["variants"]):
@@ -183,7 +185,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax_share, ax_bias) = plt.subplots(1, 2, figsize=(12, 4.5))
     for s in result["samples"]:
         base = next((v for v in s["variants"] if v["bias"] == 0 and v["reads"] is None), None)
-        label = f"{_title(group_key(s))}, seed {s['seed']}"
+        label = f"{group_title(group_key(s))}, seed {s['seed']}"
         if base is not None:
             ax_share.plot(100 * np.array(base["far_share_first"]), marker=".", label=label)
         biased = [v for v in s["variants"] if v["reads"] is None]
@@ -254,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--reads {too_many[0]}: the model reads {opts.retrieve} far blocks; give fewer")
     label = args.label or " ".join([Path(args.model).name, *args.settings])
     result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
-    probe = FarReadProbe(decode.merge_streams, decode.far_block_index)
-    decode.merge_streams, decode.far_block_index = probe.merge_streams, probe.far_block_index
+    probe = FarReadProbe(decode.merge_far, decode.far_block_index)
+    decode.merge_far, decode.far_block_index = probe.merge_far, probe.far_block_index
     try:
         for length in lengths:
             for depth in (float(x) for x in args.depths.split(",")):
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                         cut = shortened(sample, short)
                         result["samples"].append(score_needle(model, tok, cut, probe, variants, seed, length))
     finally:
-        decode.merge_streams, decode.far_block_index = probe.merge, probe.choose
+        decode.merge_far, decode.far_block_index = probe.merge, probe.choose
     result["summary"] = summary(result["samples"])
     for key, by_variant in result["summary"].items():
         for name, s in by_variant.items():

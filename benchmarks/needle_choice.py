@@ -217,12 +217,12 @@ def group_key(sample: dict) -> str:
     return str(sample["length"]) if cut_from is None else f"{sample['length']} cut from {cut_from}"
 
 
-def _key_order(key: str) -> tuple[int, int]:
+def group_order(key: str) -> tuple[int, int]:
     length, _, cut_from = key.partition(" cut from ")
     return int(length), int(cut_from or 0)
 
 
-def _title(key: str) -> str:
+def group_title(key: str) -> str:
     length, _, cut_from = key.partition(" cut from ")
     return f"{int(length):,} tokens" + (f" (cut from {int(cut_from):,})" if cut_from else "")
 
@@ -231,7 +231,7 @@ def summary(samples: list[dict]) -> dict:
     """Per length: needles passed, numbers read to every digit (None for JSONs from before round 23),
     far answer tokens right, and the chosen share of right / wrong ones."""
     out = {}
-    for key in sorted({group_key(s) for s in samples}, key=_key_order):
+    for key in sorted({group_key(s) for s in samples}, key=group_order):
         group = [s for s in samples if group_key(s) == key]
         far = [t for s in group for t in s["tokens"] if t["far"]]
         right = [t["chosen_share"] for t in far if t["correct"]]
@@ -256,7 +256,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({group_key(s) for s in result["samples"]}, key=_key_order)
+    keys = sorted({group_key(s) for s in result["samples"]}, key=group_order)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         far = [t for s in result["samples"] if group_key(s) == key for t in s["tokens"] if t["far"]]
@@ -264,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
             group = [t["per_layer"] for t in far if t["correct"] == want]
             if group:
                 ax.plot(100 * np.mean(group, axis=0), "o-", color=color, ms=3, label=f"{name} ({len(group)} tokens)")
-        ax.set(title=_title(key), xlabel="layer", ylim=(-2, 102))
+        ax.set(title=group_title(key), xlabel="layer", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0][0].set_ylabel("% of heads choosing the needle token's block")
@@ -294,7 +294,7 @@ def overlay(named: list[str], path: Path) -> dict:
             run = {**run, "samples": runs[label]["samples"] + run["samples"]}
             run["summary"] = summary(run["samples"])
         runs[label] = run
-    keys = sorted({group_key(s) for r in runs.values() for s in r["samples"]}, key=_key_order)
+    keys = sorted({group_key(s) for r in runs.values() for s in r["samples"]}, key=group_order)
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         for color, (label, run) in enumerate(runs.items()):
@@ -305,7 +305,7 @@ def overlay(named: list[str], path: Path) -> dict:
                     f"{label}: {s['passed']}/{s['needles']} needles, {s['far_tokens_right']}/{s['far_tokens']} tokens"
                 )
                 ax.plot(100 * np.mean(far, axis=0), "o-", ms=3, color=f"C{color}", label=name)  # one color per run
-        ax.set(title=_title(key), xlabel="layer", ylim=(-2, 102))
+        ax.set(title=group_title(key), xlabel="layer", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("% of heads choosing the needle token's block")

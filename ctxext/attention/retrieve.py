@@ -639,3 +639,15 @@ def merge_streams(
     lse = torch.logaddexp(lse_a, lse_b)
     wa, wb = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
     return wa * out_a + wb * out_b, lse
+
+
+def merge_far(
+    out_local: torch.Tensor, lse_local: torch.Tensor, out_far: torch.Tensor, lse_far: torch.Tensor, bias: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local stream and the retrieved far blocks in one softmax, every far logit lowered by ``bias`` nats.
+
+    out: ``(..., D)``, lse: ``(...)`` as in :func:`merge_streams` (``lse_far`` is ``-inf`` where a query
+    read no far block). Lowering every far logit by ``b`` multiplies the far stream's odds by ``exp(-b)``
+    (``retrieve_bias``; a zero bias costs nothing).
+    """
+    return merge_streams(out_local, lse_local, out_far, lse_far - bias if bias else lse_far)

@@ -26,12 +26,12 @@ def test_bias_zero_equals_one_forward_pass_and_the_bias_lowers_the_far_share(tmp
     from ctxext.evaluate.runner import ModelEntry, load_entry
     from ctxext.evaluate.tasks import make_sample
 
-    original = (decode.merge_streams, decode.far_block_index)
+    original = (decode.merge_far, decode.far_block_index)
     model_dir = str(_tiny_dir(tmp_path, 4))
     out = tmp_path / "fs.json"
     result = script.main([model_dir, *ARGS, "--shorten", "768", "--bias", "2,inf", "--reads", "1", "--out", str(out),
                           "--plot", str(tmp_path / "fs.png")])  # fmt: skip
-    assert (decode.merge_streams, decode.far_block_index) == original, "the probe is removed afterwards"
+    assert (decode.merge_far, decode.far_block_index) == original, "the probe is removed afterwards"
     assert [s.get("cut_from") for s in result["samples"]] == [None, 1024]
     full = result["samples"][0]
     assert [v["variant"] for v in full["variants"]] == ["bias 0", "bias 2", "no far read", "reads 1"]

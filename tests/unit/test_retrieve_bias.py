@@ -19,6 +19,29 @@ from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 OPTS = {"sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2, "retrieve_block": 4}
 
 
+def test_merge_far_lowers_the_far_odds_and_a_zero_bias_is_the_plain_merge():
+    """``merge_far`` (the one place the three backends apply the bias): the far weight's odds are
+    ``exp(-b)`` times the unbiased ones; a query that read no far block (``lse = -inf``) keeps its
+    local output at any bias; a zero bias is :func:`merge_streams` to the bit."""
+    import torch
+
+    from ctxext.attention.retrieve import merge_far, merge_streams
+
+    g = torch.Generator().manual_seed(0)
+    out_local, out_far = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)  # (Hq, Q, D)
+    lse_local, lse_far = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)  # (Hq, Q)
+    lse_far[:, 0] = -math.inf  # query 0 read no far block
+    plain = merge_streams(out_local, lse_local, out_far, lse_far)
+    for got, want in zip(merge_far(out_local, lse_local, out_far, lse_far, 0.0), plain, strict=True):
+        assert torch.equal(got, want)
+    out, lse = merge_far(out_local, lse_local, out_far, lse_far, 1.5)
+    odds = torch.exp(lse_far - lse_local)
+    w = odds * math.exp(-1.5) / (1 + odds * math.exp(-1.5))  # the biased far weight, (Hq, Q)
+    torch.testing.assert_close(out, out_local + w[..., None] * (out_far - out_local), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, torch.logaddexp(lse_local, lse_far - 1.5))
+    assert torch.equal(out[:, 0], out_local[:, 0])
+
+
 @pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
 def test_torch_matches_reference(rope, frame):
     q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=7)
