@@ -218,11 +218,13 @@ def group_key(sample: dict) -> str:
 
 
 def group_order(key: str) -> tuple[int, int]:
+    """Sort key for :func:`group_key` strings: by length, then the length cut from (0: not cut)."""
     length, _, cut_from = key.partition(" cut from ")
     return int(length), int(cut_from or 0)
 
 
 def group_title(key: str) -> str:
+    """A :func:`group_key` string for a plot title, e.g. ``8,192 tokens (cut from 32,768)``."""
     length, _, cut_from = key.partition(" cut from ")
     return f"{int(length):,} tokens" + (f" (cut from {int(cut_from):,})" if cut_from else "")
 
