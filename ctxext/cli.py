@@ -137,6 +137,17 @@ def convert(
             "(docs/RESULTS.md); not a default."
         ),
     ] = 0.0,
+    retrieve_bias_growth: Annotated[
+        float,
+        typer.Option(
+            help="Nats the bias grows by per doubling of a query's length beyond --retrieve-bias-from tokens "
+            "(0: a fixed bias), so it can be 0 within the native context and grow beyond it (quality study, "
+            "round 30); not a default."
+        ),
+    ] = 0.0,
+    retrieve_bias_from: Annotated[
+        int, typer.Option(help="Tokens from which the bias grows (e.g. 8192, the model's native context).")
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -181,6 +192,8 @@ def convert(
             retrieve_candidates=default_retrieve_candidates(retrieve, retrieve_candidates),
             retrieve_candidate_share=retrieve_candidate_share,
             retrieve_bias=retrieve_bias,
+            retrieve_bias_growth=retrieve_bias_growth,
+            retrieve_bias_from=retrieve_bias_from,
             backend=backend,
         )
         errors = options.problems(where="option")

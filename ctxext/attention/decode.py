@@ -38,6 +38,7 @@ import torch
 from .options import TensorizedOptions
 from .retrieve import (
     far_block_index,
+    far_logit_bias,
     key_frame,
     merge_far,
     ordered_frame_freq,
@@ -220,7 +221,7 @@ class _Step:
         far, lse_far = read_chosen_blocks(
             qs * self.geo.scaling, ks, v[None], index, key_ok, self.opts.retrieval_block, self.geo.softcap, order
         )
-        return merge_far(C, lse_C, far[0], lse_far[0], self.opts.retrieve_bias)  # far logits - the bias
+        return merge_far(C, lse_C, far[0], lse_far[0], far_logit_bias(self.opts, slots))  # far logits - the bias
 
     def _local_causal_one(self, q: torch.Tensor, p: int, n: int, window: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The local hop of one decoded token (no sinks, contiguous row): keys sliced, no gather."""

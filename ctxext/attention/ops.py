@@ -128,6 +128,8 @@ def tensorized_attention(
     retrieve_candidates: int = 0,
     retrieve_candidate_share: float = 0.0,
     retrieve_bias: float = 0.0,
+    retrieve_bias_growth: float = 0.0,
+    retrieve_bias_from: int = 0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -165,6 +167,9 @@ def tensorized_attention(
         retrieve_candidate_share: candidates as a share of each query's far blocks: the bound
             proposes ``max(retrieve_candidates, ceil(share * far blocks))`` (0: off; at most 1).
         retrieve_bias: nats subtracted from every far key's logit (0: none).
+        retrieve_bias_growth: nats added to the bias per doubling of a query's length (slot + 1)
+            beyond ``retrieve_bias_from`` tokens (0: a fixed bias).
+        retrieve_bias_from: tokens from which the bias grows (needed with a growth).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -199,6 +204,8 @@ def tensorized_attention(
         retrieve_candidates=retrieve_candidates,
         retrieve_candidate_share=retrieve_candidate_share,
         retrieve_bias=retrieve_bias,
+        retrieve_bias_growth=retrieve_bias_growth,
+        retrieve_bias_from=retrieve_bias_from,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

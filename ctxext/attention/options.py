@@ -73,6 +73,14 @@ class TensorizedOptions:
         against the local keys shrink by ``exp(-retrieve_bias)``. The choice itself is unchanged.
         Measured zero-shot on the 2k-trained default model in the quality study, round 28
         (``docs/RESULTS.md``); not a default.
+    retrieve_bias_growth: nats added to the bias per doubling of the query's length beyond
+        ``retrieve_bias_from`` tokens (0: a fixed bias): a query at slot ``t`` lowers its far
+        logits by ``retrieve_bias + growth * max(0, log2((t + 1) / from))``. The far blocks a
+        query reads are its best of more as the length grows, and their share of the late layers'
+        softmax grows with them (quality study, round 28); a fixed bias that helps at 32k costs a
+        needle at 8k (round 29). Measured in round 30; not a default.
+    retrieve_bias_from: tokens from which the bias grows (with ``retrieve_bias_growth``), e.g. the
+        model's native context.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -91,6 +99,8 @@ class TensorizedOptions:
     retrieve_candidates: int = 0
     retrieve_candidate_share: float = 0.0
     retrieve_bias: float = 0.0
+    retrieve_bias_growth: float = 0.0
+    retrieve_bias_from: int = 0
     backend: str = "auto"
 
     @property
@@ -232,9 +242,35 @@ class TensorizedOptions:
                 f"{where}.retrieve_bias: {bias!r} lowers the far blocks' logits, but retrieve is 0 (no far blocks "
                 "are read); set retrieve (e.g. 8) or leave retrieve_bias at 0"
             )
+        errors += self._bias_growth_problems(where)
         if not isinstance(self.long_range, bool):
             errors.append(f"{where}.long_range: expected true or false, got {self.long_range!r}")
         return errors
+
+    def _bias_growth_problems(self, where: str) -> list[str]:
+        """``retrieve_bias_growth`` and ``retrieve_bias_from``: a finite growth, a positive start with it."""
+        growth, start = self.retrieve_bias_growth, self.retrieve_bias_from
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not math.isfinite(growth):
+            return [
+                f"{where}.retrieve_bias_growth: expected the nats the bias grows by per doubling of the length, "
+                f"a finite number such as 0.5 (0: a fixed bias), got {growth!r}"
+            ]
+        if start != 0 and not _positive_int(start):
+            return [
+                f"{where}.retrieve_bias_from: expected the tokens from which the bias grows, a positive integer "
+                f"such as 8192 (the model's native context), got {start!r}"
+            ]
+        if growth and not self.retrieve:
+            return [
+                f"{where}.retrieve_bias_growth: {growth!r} grows the far blocks' bias, but retrieve is 0 (no far "
+                "blocks are read); set retrieve (e.g. 8) or leave retrieve_bias_growth at 0"
+            ]
+        if growth and not start:
+            return [
+                f"{where}.retrieve_bias_growth: {growth!r} nats per doubling needs the length it starts from; set "
+                "retrieve_bias_from (tokens), e.g. 8192 (the model's native context)"
+            ]
+        return []
 
     def validate(self) -> TensorizedOptions:
         errors = self.problems()

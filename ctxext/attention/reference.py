@@ -38,7 +38,8 @@ Semantics (DESIGN.md section 1, with the choices this implementation makes expli
   one softmax with the rest. With ``rope="axis"`` those scores use the query at coordinate
   ``p - start`` and a retrieved slot at ``(slot mod m) - m`` (``retrieve_frame="stacked"``) or,
   ``"ordered"``, at ``(slot mod m) - (r + 1) m`` with r the number of blocks p chose after the
-  slot's block. ``retrieve_bias`` is subtracted from every far slot's score (after the softcap).
+  slot's block. ``retrieve_bias`` is subtracted from every far slot's score (after the softcap),
+  plus ``retrieve_bias_growth * max(0, log2((p + 1) / retrieve_bias_from))`` when the bias grows.
 * ``long_range=False`` stops after the local hop.
 * ``rope="axis"``: in outer hop j, q and k are re-rotated from their RoPE position to
   coordinate ``i_j`` so offsets along axis j are ``i_j - i_j'``. The local hop needs no
@@ -150,6 +151,12 @@ def reference_tensorized_attention(
             ks = rerotate(ks, (torch.tensor(sinks, dtype=compute) - pos[:, sinks])[:, None, :], inv_freq)
         return score(qp, ks)
 
+    def far_logit_bias(p: int) -> float:
+        """Nats off query p's far scores: the fixed bias, and the growth per doubling of p + 1 past its start."""
+        if not opts.retrieve_bias_growth:
+            return opts.retrieve_bias
+        return opts.retrieve_bias + opts.retrieve_bias_growth * max(0.0, math.log2((p + 1) / opts.retrieve_bias_from))
+
     def local_stream(p: int, keys: list[int], queries=q, values=v, far=False) -> tuple[torch.Tensor, torch.Tensor]:
         start = keys[0]
         sinks = [t for t in range(min(opts.sinks, length)) if t < start]
@@ -166,7 +173,7 @@ def reference_tensorized_attention(
             keys_far = k_far[:, :, far_slots]  # (B, H, F, D)
             if order_freq is not None:  # a block with r later chosen blocks moves back by r m
                 keys_far = rerotate(keys_far, -(rank[:, :, p, far_blocks] * m).to(compute), order_freq)
-            s = torch.cat([s, score(q_far[:, :, p], keys_far) - opts.retrieve_bias], dim=-1)
+            s = torch.cat([s, score(q_far[:, :, p], keys_far) - far_logit_bias(p)], dim=-1)
             vals = torch.cat([vals, values[:, :, far_slots]], dim=2)
             picked = chosen[:, :, p, far_blocks] & far_ok[:, None, far_slots]  # (B, H, F)
             mask = torch.cat([mask, picked], dim=-1)

@@ -641,13 +641,35 @@ def merge_streams(
     return wa * out_a + wb * out_b, lse
 
 
+def far_logit_bias(opts: TensorizedOptions, slots: torch.Tensor) -> float | torch.Tensor:
+    """Nats each query's far logits are lowered by: ``retrieve_bias``, plus ``retrieve_bias_growth``
+    per doubling of the query's length beyond ``retrieve_bias_from`` tokens.
+
+    slots: ``(Q,)`` the queries' slots (a query at slot ``t`` has seen ``t + 1`` tokens). Returns the
+    plain float when the bias does not grow, else a ``(Q,)`` float64 tensor:
+    ``retrieve_bias + growth * max(0, log2((t + 1) / from))``.
+    """
+    if not opts.retrieve_bias_growth:
+        return opts.retrieve_bias
+    doublings = torch.log2((slots + 1).double() / opts.retrieve_bias_from).clamp_min(0.0)  # (Q,)
+    return opts.retrieve_bias + opts.retrieve_bias_growth * doublings
+
+
 def merge_far(
-    out_local: torch.Tensor, lse_local: torch.Tensor, out_far: torch.Tensor, lse_far: torch.Tensor, bias: float
+    out_local: torch.Tensor,
+    lse_local: torch.Tensor,
+    out_far: torch.Tensor,
+    lse_far: torch.Tensor,
+    bias: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The local stream and the retrieved far blocks in one softmax, every far logit lowered by ``bias`` nats.
 
-    out: ``(..., D)``, lse: ``(...)`` as in :func:`merge_streams` (``lse_far`` is ``-inf`` where a query
-    read no far block). Lowering every far logit by ``b`` multiplies the far stream's odds by ``exp(-b)``
-    (``retrieve_bias``; a zero bias costs nothing).
+    out: ``(..., Q, D)``, lse: ``(..., Q)`` as in :func:`merge_streams` (``lse_far`` is ``-inf`` where a
+    query read no far block); bias: one float, or ``(Q,)`` per query (:func:`far_logit_bias`). Lowering every
+    far logit by ``b`` multiplies the far stream's odds by ``exp(-b)`` (a zero float bias costs nothing).
     """
-    return merge_streams(out_local, lse_local, out_far, lse_far - bias if bias else lse_far)
+    if isinstance(bias, torch.Tensor):
+        lse_far = lse_far - bias.to(lse_far.dtype)  # (..., Q) - (Q,)
+    elif bias:
+        lse_far = lse_far - bias
+    return merge_streams(out_local, lse_local, out_far, lse_far)

@@ -20,6 +20,7 @@ from .layout import compact_axes, multi_index
 from .options import TensorizedOptions
 from .retrieve import (
     far_block_index,
+    far_logit_bias,
     merge_far,
     ordered_frame_freq,
     read_chosen_blocks,
@@ -351,7 +352,7 @@ def torch_tensorized_attention(
     C, lse_C, Fs, lse_F = _local_hop(q, k, v, valid, positions, opts, softcap, inv_freq, axes[-1], need_lse, summary_q)
     if retrieval is not None:  # one softmax over window, sinks and the retrieved blocks (far logits - bias)
         far, lse_far = retrieval
-        C, lse_C = merge_far(C, lse_C, far, lse_far, opts.retrieve_bias)
+        C, lse_C = merge_far(C, lse_C, far, lse_far, far_logit_bias(opts, slots))
     if opts.long_range:
         idx = multi_index(lp, axes, device=q.device) if opts.rope == "axis" else None
         for j in range(len(axes) - 2, -1, -1):

@@ -393,7 +393,7 @@ def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv
     """
     from ctxext._kernels.launch import dot_precision
 
-    from .retrieve import merge_far, merge_streams
+    from .retrieve import far_logit_bias, merge_far, merge_streams
     from .side_streams import block_start, local_range_start, retrieved_stream, sink_stream
 
     b, _, length, _ = q.shape
@@ -421,7 +421,7 @@ def _run_with_side_streams(q, k, v, opts: TensorizedOptions, valid, softcap, inv
         prec = dot_precision(q.dtype)
         retrieved = retrieved_stream(qa, ka, va, ok, pos, opts, n, scale, cap, inv_freq, fused=True, precision=prec)
         far, lse_far = retrieved
-        C, lse_C = merge_far(C, lse_C, far, lse_far, opts.retrieve_bias)  # far logits lowered by the bias
+        C, lse_C = merge_far(C, lse_C, far, lse_far, far_logit_bias(opts, slots))  # far logits lowered by the bias
     streams = (C, lse_C, Fs, lse_F)
     for hop in plan[1:]:
         vm, vd, lse_ci, lse_fi = _hop_inputs(hop, v, streams)

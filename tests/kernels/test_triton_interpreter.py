@@ -476,3 +476,16 @@ def test_triton_backend_with_a_far_bias_matches_torch():
     oc.assert_close(got, oc.run_api("torch", q, k, v, (4,), opts), 2e-5, "far bias on the kernels")
     plain = oc.run_api("triton", q, k, v, (4,), {**opts, "retrieve_bias": 0.0})
     assert (got - plain).abs().max() > 1e-3, "the bias must change the output here, or this shows nothing"
+
+
+def test_triton_backend_with_a_growing_far_bias_matches_torch():
+    """``retrieve_bias_growth``: each query's far bias grows with its length past 24 tokens, on the kernels as in
+    PyTorch."""
+    q, k, v = oc.make_qkv(batch=1, hq=4, hkv=2, n=61, dim=8, seed=41, dtype=torch.float32)
+    opts = dict(sinks=2, local="window", long_range=False, retrieve=2, retrieve_block=2, retrieve_candidates=4,
+                rope="axis", retrieve_bias=0.5, retrieve_bias_growth=1.0, retrieve_bias_from=24)  # fmt: skip
+    got = oc.run_api("triton", q, k, v, (4,), opts)
+    oc.assert_close(got, oc.run_api("torch", q, k, v, (4,), opts), 2e-5, "growing far bias on the kernels")
+    fixed = oc.run_api("triton", q, k, v, (4,), {**opts, "retrieve_bias_growth": 0.0})
+    assert (got[:, :, 24:] - fixed[:, :, 24:]).abs().max() > 1e-3, "the bias must grow past 24 tokens here"
+    assert (got[:, :, :24] - fixed[:, :, :24]).abs().max() < 1e-6, "and be fixed before"

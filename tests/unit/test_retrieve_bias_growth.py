@@ -1,0 +1,85 @@
+"""``retrieve_bias_growth = g`` from ``retrieve_bias_from = F`` tokens: a query at slot ``t`` lowers its
+far logits by ``retrieve_bias + g * max(0, log2((t + 1) / F))`` (quality study, round 30).
+Checked: the per-query bias itself; the torch backend against the reference (which computes the
+bias on its own); each query's output equals a fixed-bias run at that query's bias; the convert
+flags, the decode cache and the errors (the Triton backend: tests/kernels/test_triton_interpreter.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
+
+from . import operator_cases as oc
+from .convert_flag_check import check_convert_flag
+from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
+
+OPTS = {"sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2, "retrieve_block": 4}
+GROWTH = {"retrieve_bias": 0.5, "retrieve_bias_growth": 1.0, "retrieve_bias_from": 20}
+
+
+def test_the_bias_is_fixed_up_to_its_start_and_grows_by_g_per_doubling():
+    import torch
+
+    from ctxext.attention.retrieve import far_logit_bias
+
+    fixed = TensorizedOptions(block_sizes=(8,), retrieve=2, retrieve_bias=0.5, retrieve_bias_from=20)
+    assert far_logit_bias(fixed, torch.arange(100)) == 0.5, "no growth: the plain float, no tensor"
+    grows = TensorizedOptions(block_sizes=(8,), retrieve=2, **{**GROWTH, "retrieve_bias_growth": 0.75})
+    bias = far_logit_bias(grows, torch.tensor([0, 10, 19, 39, 79, 29]))  # lengths 1, 11, 20, 40, 80, 30
+    want = [0.5, 0.5, 0.5, 1.25, 2.0, 0.5 + 0.75 * math.log2(1.5)]
+    assert bias.tolist() == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize(("rope", "frame"), [("absolute", "stacked"), ("axis", "stacked"), ("axis", "ordered")])
+def test_torch_matches_reference(rope, frame):
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=7)
+    opts = {**OPTS, **GROWTH, "rope": rope, "retrieve_frame": frame, "retrieve_candidates": 4}
+    got = oc.run_slots("torch", q, k, v, (8,), opts)
+    oc.assert_close(got, oc.run_slots("reference", q, k, v, (8,), opts), 1e-12, "torch vs reference")
+    fixed = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_bias_growth": 0.0})
+    assert (got[:, :, :20] - fixed[:, :, :20]).abs().max() == 0.0, "up to the start the bias is fixed"
+    assert (got[:, :, 20:] - fixed[:, :, 20:]).abs().max() > 1e-3, "beyond it the bias must grow"
+
+
+@pytest.mark.parametrize("slot", [20, 29, 44])
+def test_each_query_is_a_fixed_bias_run_at_its_own_bias(slot):
+    """The growth is per query: query ``t`` of the growing run equals query ``t`` of a run whose fixed
+    bias is ``0.5 + log2((t + 1) / 20)`` (the choice does not depend on the bias)."""
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=45, seed=11)
+    opts = {**OPTS, "rope": "axis", "retrieve_candidates": 4}
+    grown = oc.run_slots("torch", q, k, v, (8,), {**opts, **GROWTH})
+    own = 0.5 + math.log2((slot + 1) / 20)
+    fixed = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_bias": own})
+    assert (grown[:, :, slot] - fixed[:, :, slot]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"retrieve_bias_growth": float("nan"), "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
+     ({"retrieve_bias_growth": True, "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
+     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": -8}, r"retrieve_bias_from: expected the tokens"),
+     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens"),
+     ({"retrieve_bias_growth": 0.5}, r"retrieve_bias_growth: 0.5 nats per doubling needs the length it starts "
+                                     r"from; set retrieve_bias_from"),
+     ({"retrieve": 0, "retrieve_bias_growth": 0.5, "retrieve_bias_from": 20},
+      r"retrieve_bias_growth: 0.5 grows the far blocks. bias, but retrieve is 0")],
+)  # fmt: skip
+def test_a_bad_growth_is_named(settings, message):
+    raw = {"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, **settings}
+    with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{message}"):
+        TensorizedOptions.from_dict(raw)
+
+
+def test_a_start_without_growth_is_allowed():
+    """A recipe may keep ``retrieve_bias_from`` while a sweep sets the growth to 0."""
+    opts = TensorizedOptions.from_dict({"block_sizes": [8], "retrieve": 2, "retrieve_bias_from": 8192})
+    assert opts.retrieve_bias_growth == 0.0 and opts.retrieve_bias_from == 8192
+
+
+def test_convert_flags_reach_the_model_and_the_decode_cache_matches_one_forward(tmp_path):
+    """Far blocks of 4 from slot 16 on; the bias grows from 20 tokens, so logits change from slot 20."""
+    flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-bias-growth", "1.0", "--retrieve-bias-from", "20"]
+    check_convert_flag(tmp_path, flags, "retrieve_bias_growth", 1.0, off=0.0, same_before=20, bad_value="nan")
