@@ -1,0 +1,84 @@
+"""Round 30's figure: perplexity against length for the default model at bias 0, a fixed 1 nat and the
+biases that grow past 8,192 tokens (left), and the bias each schedule puts on a query's far logits (right).
+
+Reads the ``ctxext eval`` report JSONs of rounds 15, 21, 28 and 30 (one held-out document per length);
+a curve shows only the lengths that were run. Run from the repository root after ``chain2.sh`` and
+``chain3.sh``::
+
+    python docs/study/round30/plot_bias_ppl.py --out docs/study/round30/ppl_by_bias.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+STUDY = Path("docs/study")
+CURVES = {  # label -> (fixed bias, growth per doubling past 8,192 tokens, report JSONs)
+    "bias 0 (the default)": (0.0, 0.0, ["round28/eval-ppl-bias0/report.json", "round15/eval-ppl-long.json",
+                                        "round21/eval-ppl-32k-64k.json"]),
+    "fixed 1 nat (rounds 28, 30)": (1.0, 0.0, ["round28/eval-ppl-bias1/report.json",
+                                               "round30/eval-ppl-16k-b1/report.json",
+                                               "round28/eval-ppl-32k-bias1/report.json"]),
+    "0.5 nat per doubling from 8k": (0.0, 0.5, ["round30/eval-ppl-g0.5/report.json"]),
+    "0.25 nat per doubling from 8k": (0.0, 0.25, ["round30/eval-ppl-g0.25/report.json"]),
+}  # fmt: skip
+START = 8192
+LONGEST = 32768  # round 21's 64k point is bias 0 only
+
+
+def read_ppl(paths: list[str]) -> dict[int, float]:
+    """Length (tokens) -> perplexity over the reports that exist (later files win on a shared length)."""
+    points = {}
+    for rel in paths:
+        path = STUDY / rel
+        if not path.exists():
+            continue
+        for by_length in json.loads(path.read_text())["perplexity"].values():
+            points |= {int(length): cell["ppl"] for length, cell in by_length.items() if int(length) <= LONGEST}
+    return dict(sorted(points.items()))
+
+
+def schedule(bias: float, growth: float, lengths: list[int]) -> list[float]:
+    """The far-logit bias of a query that has seen each length of tokens (``far_logit_bias``'s rule)."""
+    return [bias + growth * max(0.0, math.log2(t / START)) for t in lengths]
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=STUDY / "round30" / "ppl_by_bias.png")
+    args = ap.parse_args()
+    fig, (ax_ppl, ax_bias) = plt.subplots(1, 2, figsize=(12, 4.5))
+    lengths = [2048 * 2 ** (i / 8) for i in range(8 * 4 + 1)]  # 2k .. 32k
+    for color, (label, (bias, growth, paths)) in enumerate(CURVES.items()):
+        points, style = read_ppl(paths), {"color": f"C{color}", "label": label}
+        if points:
+            ax_ppl.plot(list(points), list(points.values()), marker="o", **style)
+            for length, ppl in points.items():
+                ax_ppl.annotate(f"{ppl:.2f}", (length, ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax_bias.plot(lengths, schedule(bias, growth, lengths), **style)
+    for ax in (ax_ppl, ax_bias):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([2048, 4096, 8192, 16384, 32768], ["2k", "4k", "8k", "16k", "32k"])
+        ax.set_xlabel("tokens (one held-out document's first L; for the bias: the query's length)")
+        ax.grid(alpha=0.3)
+    ax_ppl.set_ylabel("perplexity")
+    ax_ppl.set_title("SmolLM2-135M, default model (T = 2k), rope=axis, zero-shot biases")
+    ax_bias.set_ylabel("nats off every far logit")
+    ax_bias.set_title("the bias each schedule applies")
+    ax_ppl.legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
