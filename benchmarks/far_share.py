@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from needle_choice import group_key, group_order, group_title, shortened  # noqa: E402
 
+from ctxext.attention.retrieve import lower_far_lse  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -80,8 +82,7 @@ class FarReadProbe:
 
     def merge_far(self, out_local, lse_local, out_far, lse_far, bias):
         # out: (Hq, Q, D), lse: (Hq, Q); lse_far is -inf where a query chose nothing; bias: the model's own
-        bias = bias + self.variant.bias  # a float, or (Q,) per query when the model's bias grows
-        lse_far = lse_far - (bias.to(lse_far.dtype) if isinstance(bias, torch.Tensor) else bias)
+        lse_far = lower_far_lse(lse_far, bias + self.variant.bias)  # the model's bias (float or (Q,)) + the variant's
         share = torch.exp(lse_far - torch.logaddexp(lse_local, lse_far))  # (Hq, Q), 0 where lse_far = -inf
         self.shares.append(share.float().mean(0).cpu())
         return self.merge(out_local, lse_local, out_far, lse_far, 0.0)

@@ -668,8 +668,12 @@ def merge_far(
     query read no far block); bias: one float, or ``(Q,)`` per query (:func:`far_logit_bias`). Lowering every
     far logit by ``b`` multiplies the far stream's odds by ``exp(-b)`` (a zero float bias costs nothing).
     """
+    return merge_streams(out_local, lse_local, out_far, lower_far_lse(lse_far, bias))
+
+
+def lower_far_lse(lse_far: torch.Tensor, bias: float | torch.Tensor) -> torch.Tensor:
+    """``lse_far`` ``(..., Q)`` with every far logit lowered by ``bias`` nats: one float, or ``(Q,)`` per
+    query (:func:`far_logit_bias`); a zero float bias returns ``lse_far`` itself."""
     if isinstance(bias, torch.Tensor):
-        lse_far = lse_far - bias.to(lse_far.dtype)  # (..., Q) - (Q,)
-    elif bias:
-        lse_far = lse_far - bias
-    return merge_streams(out_local, lse_local, out_far, lse_far)
+        return lse_far - bias.to(lse_far.dtype)  # (..., Q) - (Q,)
+    return lse_far - bias if bias else lse_far
