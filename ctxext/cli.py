@@ -146,7 +146,11 @@ def convert(
         ),
     ] = 0.0,
     retrieve_bias_from: Annotated[
-        int, typer.Option(help="Tokens from which the bias grows (e.g. 8192, the model's native context).")
+        int,
+        typer.Option(
+            help="Tokens from which the bias grows; 0 with a growth: the model's context (max_position_embeddings, "
+            "8192 for SmolLM2), written into OUT's config as the number."
+        ),
     ] = 0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,

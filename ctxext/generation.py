@@ -66,8 +66,9 @@ def _past_native_length_on_purpose():
 
 def max_length_of(model) -> int:
     """The configured maximum sequence length: ``max_position_embeddings`` of the model config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(config, "max_position_embeddings", 0) or 0)
+    from .attention.hf import native_context
+
+    return native_context(model.config)
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, max_length: int) -> None:

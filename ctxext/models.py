@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_directory, check_output_dir
-from .attention.hf import ATTN_IMPLEMENTATION, CONFIG_KEY
+from .attention.hf import ATTN_IMPLEMENTATION, CONFIG_KEY, with_bias_start
 from .attention.options import TensorizedOptions
 from .embedded import is_embedded_alias, smollm2_gguf_path
 from .tiny import TINY_ARCHS, TINY_PREFIX, is_tiny
@@ -254,7 +254,7 @@ def apply_tensorized(model, options: TensorizedOptions, rope_scaling: str | None
             "attention cannot be plugged in without patching its code (which ctxext never does). Supported: "
             "architectures whose attention uses the interface, e.g. Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3."
         )
-    options.validate()
+    options = with_bias_start(options.validate(), config)  # before a rope scaling changes the context
     changes: list[tuple[str, Any, Any]] = [
         ("attn_implementation", config._attn_implementation, ATTN_IMPLEMENTATION),
         (CONFIG_KEY, getattr(config, CONFIG_KEY, None), options.to_dict()),

@@ -16,6 +16,7 @@ No model forward method is patched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -27,7 +28,7 @@ from .cache import cached_tensorized_attention, layer_for_keys
 from .context_parallel import active_group, context_parallel_attention
 from .exact import exact_causal_attention
 from .ops import tensorized_attention_with_options
-from .options import TensorizedOptions
+from .options import TensorizedConfigError, TensorizedOptions
 from .rope import inv_freq_from_config
 
 ATTN_IMPLEMENTATION = "tensorized"
@@ -38,14 +39,36 @@ _inv_freq_cache: dict[tuple, torch.Tensor] = {}
 
 
 def options_from_config(config) -> TensorizedOptions:
-    """The validated TA settings stored in a model config (defaults when absent)."""
+    """The validated TA settings stored in a model config (defaults when absent), a growing far
+    bias's start resolved against the config (:func:`with_bias_start`)."""
     raw = getattr(config, CONFIG_KEY, None) or {}
     if not isinstance(raw, dict):
         raw = dict(raw)
-    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()))
+    key = (*sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()), native_context(config))
     if key not in _options_cache:
-        _options_cache[key] = TensorizedOptions.from_dict(raw, where=f"config.{CONFIG_KEY}")
+        where = f"config.{CONFIG_KEY}"
+        _options_cache[key] = with_bias_start(TensorizedOptions.from_dict(raw, where=where), config, where)
     return _options_cache[key]
+
+
+def native_context(config) -> int:
+    """Tokens the model is configured for: ``max_position_embeddings`` of its (text) config, 0 if none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def with_bias_start(options: TensorizedOptions, config, where: str = "tensorized_attention") -> TensorizedOptions:
+    """``options`` with a growing far bias's start filled in: ``retrieve_bias_from = 0`` means the
+    model's context, :func:`native_context` of ``config``. Unchanged without a growth or with a start."""
+    if not options.retrieve_bias_growth or options.retrieve_bias_from:
+        return options
+    native = native_context(config)
+    if native <= 0:
+        raise TensorizedConfigError(
+            f"{where}.retrieve_bias_from: 0 starts the growing far bias at the model's context "
+            "(max_position_embeddings), but the model config has none; set retrieve_bias_from (tokens), e.g. 8192"
+        )
+    return dataclasses.replace(options, retrieve_bias_from=native)
 
 
 def _inv_freq(config, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .layout import fold, plan_fold, unfold
-from .options import TensorizedOptions
+from .options import TensorizedConfigError, TensorizedOptions
 
 _warned: set[str] = set()
 
@@ -239,6 +239,8 @@ def tensorized_attention_with_options(
 ) -> torch.Tensor:
     """:func:`tensorized_attention` with already validated options (the transformers path)."""
     check_shapes(q, k, v)
+    if problem := opts.bias_start_problem():
+        raise TensorizedConfigError(problem)
     needs = "rope='axis'" if opts.rope == "axis" else f"summary={opts.summary!r}" if opts.summary != "token" else None
     if needs and rope_inv_freq is None:
         raise ValueError(

@@ -80,7 +80,10 @@ class TensorizedOptions:
         softmax grows with them (quality study, round 28); a fixed bias that helps at 32k costs a
         needle at 8k (round 29). Measured in round 30; not a default.
     retrieve_bias_from: tokens from which the bias grows (with ``retrieve_bias_growth``), e.g. the
-        model's native context.
+        model's native context; 0 with a growth: the context of the model the attention is attached
+        to (its ``max_position_embeddings``), written into its config as a number when attached
+        (:func:`ctxext.attention.hf.with_bias_start`). The bare operator has no model and needs the
+        number.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -248,7 +251,8 @@ class TensorizedOptions:
         return errors
 
     def _bias_growth_problems(self, where: str) -> list[str]:
-        """``retrieve_bias_growth`` and ``retrieve_bias_from``: a finite growth, a positive start with it."""
+        """``retrieve_bias_growth`` and ``retrieve_bias_from``: a finite growth, a start of 0 (the model's
+        context) or a positive integer."""
         growth, start = self.retrieve_bias_growth, self.retrieve_bias_from
         if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not math.isfinite(growth):
             return [
@@ -265,12 +269,18 @@ class TensorizedOptions:
                 f"{where}.retrieve_bias_growth: {growth!r} grows the far blocks' bias, but retrieve is 0 (no far "
                 "blocks are read); set retrieve (e.g. 8) or leave retrieve_bias_growth at 0"
             ]
-        if growth and not start:
-            return [
-                f"{where}.retrieve_bias_growth: {growth!r} nats per doubling needs the length it starts from; set "
-                "retrieve_bias_from (tokens), e.g. 8192 (the model's native context)"
-            ]
         return []
+
+    def bias_start_problem(self, where: str = "tensorized_attention") -> str | None:
+        """Why a growing bias cannot run without a model: ``retrieve_bias_from`` 0 means the context of
+        the model the attention is attached to, which the bare operator does not know."""
+        if self.retrieve_bias_growth and not self.retrieve_bias_from:
+            return (
+                f"{where}.retrieve_bias_growth: {self.retrieve_bias_growth!r} nats per doubling needs the length "
+                "it starts from, and without a model there is no native context to start from; set "
+                "retrieve_bias_from (tokens), e.g. 8192"
+            )
+        return None
 
     def validate(self) -> TensorizedOptions:
         errors = self.problems()

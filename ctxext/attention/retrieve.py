@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from . import score_budget
-from .options import TensorizedOptions
+from .options import TensorizedConfigError, TensorizedOptions
 from .rope import rerotate
 from .softmax import masked_softmax
 
@@ -651,6 +651,8 @@ def far_logit_bias(opts: TensorizedOptions, slots: torch.Tensor) -> float | torc
     """
     if not opts.retrieve_bias_growth:
         return opts.retrieve_bias
+    if problem := opts.bias_start_problem():
+        raise TensorizedConfigError(problem)
     doublings = torch.log2((slots + 1).double() / opts.retrieve_bias_from).clamp_min(0.0)  # (Q,)
     return opts.retrieve_bias + opts.retrieve_bias_growth * doublings
 

@@ -167,7 +167,7 @@ def planned_config(entry: ModelEntry):
 
 def override_settings(model, settings: dict) -> None:
     """Change the tensorized-attention settings of a loaded tensorized model (``--set``), validated."""
-    from ..attention.hf import CONFIG_KEY, options_from_config
+    from ..attention.hf import CONFIG_KEY, options_from_config, with_bias_start
     from ..attention.options import TensorizedOptions
 
     if model.config._attn_implementation != "tensorized":
@@ -177,6 +177,7 @@ def override_settings(model, settings: dict) -> None:
         raise EvalError("--set summary: the summary mode decides which parameters a model has; convert instead")
     try:
         options = TensorizedOptions.from_dict({**current, **settings}, where="--set")
+        options = with_bias_start(options, model.config, "--set")
     except ValueError as err:
         raise EvalError(str(err)) from None
     for note in options.advice():

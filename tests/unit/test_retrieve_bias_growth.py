@@ -6,14 +6,16 @@ flags, the decode cache and the errors (the Triton backend: tests/kernels/test_t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
 
 from ctxext.attention.options import TensorizedConfigError, TensorizedOptions
 
 from . import operator_cases as oc
-from .convert_flag_check import check_convert_flag
+from .convert_flag_check import check_convert_flag, converted_settings
 from .operator_cases import single_thread  # noqa: F401  (autouse fixture)
 
 OPTS = {"sinks": 2, "local": "window", "merge": "lse", "long_range": False, "retrieve": 2, "retrieve_block": 4}
@@ -62,8 +64,6 @@ def test_each_query_is_a_fixed_bias_run_at_its_own_bias(slot):
      ({"retrieve_bias_growth": True, "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
      ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": -8}, r"retrieve_bias_from: expected the tokens"),
      ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens"),
-     ({"retrieve_bias_growth": 0.5}, r"retrieve_bias_growth: 0.5 nats per doubling needs the length it starts "
-                                     r"from; set retrieve_bias_from"),
      ({"retrieve": 0, "retrieve_bias_growth": 0.5, "retrieve_bias_from": 20},
       r"retrieve_bias_growth: 0.5 grows the far blocks. bias, but retrieve is 0")],
 )  # fmt: skip
@@ -83,3 +83,58 @@ def test_convert_flags_reach_the_model_and_the_decode_cache_matches_one_forward(
     """Far blocks of 4 from slot 16 on; the bias grows from 20 tokens, so logits change from slot 20."""
     flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-bias-growth", "1.0", "--retrieve-bias-from", "20"]
     check_convert_flag(tmp_path, flags, "retrieve_bias_growth", 1.0, off=0.0, same_before=20, bad_value="nan")
+
+
+def test_the_bare_operator_needs_the_start():
+    """Without a model there is no context to start from: the operator and the bias itself say so."""
+    from ctxext import tensorized_attention
+    from ctxext.attention.retrieve import far_logit_bias
+
+    q, k, v = (torch.randn(1, 2, 24, 8) for _ in range(3))
+    message = r"retrieve_bias_growth: 0\.5 nats per doubling needs the length it starts from.*set retrieve_bias_from"
+    with pytest.raises(TensorizedConfigError, match=message):
+        tensorized_attention(q, k, v, block_sizes=(8,), retrieve=2, retrieve_block=4, retrieve_bias_growth=0.5)
+    opts = TensorizedOptions(block_sizes=(8,), retrieve=2, retrieve_block=4, retrieve_bias_growth=0.5)
+    with pytest.raises(TensorizedConfigError, match=message):
+        far_logit_bias(opts, torch.arange(24))
+
+
+def test_a_start_of_zero_is_the_models_context(tmp_path):
+    """``convert`` writes the source model's ``max_position_embeddings`` as the start."""
+
+    flags = ["--block-sizes", "8", "--retrieve", "2", "--retrieve-block", "4", "--retrieve-bias-growth", "0.5"]
+    settings = converted_settings(tmp_path, flags)
+    native = json.loads((tmp_path / "src" / "config.json").read_text())["max_position_embeddings"]
+    assert native > 0 and (settings["retrieve_bias_growth"], settings["retrieve_bias_from"]) == (0.5, native)
+
+
+def test_a_config_with_a_start_of_zero_runs_as_with_its_context_and_set_fills_it_in():
+    """A config's start of 0 behaves as its ``max_position_embeddings`` (here 20) written out, in the
+    forward pass and under ``--set``; a config without that key is refused by name."""
+    from transformers import LlamaConfig
+
+    from ctxext.attention.hf import options_from_config
+    from ctxext.evaluate.runner import override_settings
+    from ctxext.models import apply_tensorized
+    from ctxext.tiny import tiny_model
+
+    model = tiny_model("llama").eval()
+    model.config.max_position_embeddings = 20
+    base = {"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, "retrieve_bias_growth": 1.0}
+    apply_tensorized(model, TensorizedOptions.from_dict({**base, "retrieve_bias_from": 20}))
+    ids = torch.randint(0, 256, (1, 45))
+    with torch.no_grad():
+        explicit = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_bias_from": 0}
+        assert options_from_config(model.config).retrieve_bias_from == 20
+        native = model(ids, use_cache=False).logits
+        model.config.tensorized_attention = {**model.config.tensorized_attention, "retrieve_bias_growth": 0.0}
+        flat = model(ids, use_cache=False).logits
+    assert torch.equal(native, explicit)
+    assert (native[0, 20:] - flat[0, 20:]).abs().max() > 1e-4  # the growth acts: the test can fail
+    override_settings(model, {"retrieve_bias_growth": 0.5})
+    assert model.config.tensorized_attention["retrieve_bias_from"] == 20
+    bare = LlamaConfig(max_position_embeddings=0)
+    bare.tensorized_attention = {**base, "retrieve_bias_from": 0}
+    with pytest.raises(TensorizedConfigError, match=r"config\.tensorized_attention\.retrieve_bias_from: 0 starts"):
+        options_from_config(bare)
