@@ -1,11 +1,12 @@
 """Round 30's figure: perplexity against length for the default model at bias 0, a fixed 1 nat and the
 biases that grow past 8,192 tokens (left), and the bias each schedule puts on a query's far logits (right).
 
-Reads the ``ctxext eval`` report JSONs of rounds 15, 21, 28 and 30 (one held-out document per length);
-a curve shows only the lengths that were run. Run from the repository root after ``chain2.sh`` and
-``chain3.sh``::
+Reads the ``ctxext eval`` report JSONs of rounds 15, 21, 24, 28, 30 and 31 (one held-out document per
+length); a curve shows only the lengths that were run, up to ``--longest``. Run from the repository root
+after round 30's ``chain2.sh`` and ``chain3.sh`` (and round 31's ``chain.sh`` for the longer figure)::
 
     python docs/study/round30/plot_bias_ppl.py --out docs/study/round30/ppl_by_bias.png
+    python docs/study/round30/plot_bias_ppl.py --longest 131072 --out docs/study/round31/ppl_by_bias.png
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ from pathlib import Path
 STUDY = Path("docs/study")
 CURVES = {  # label -> (fixed bias, growth per doubling past 8,192 tokens, report JSONs)
     "bias 0 (the default)": (0.0, 0.0, ["round28/eval-ppl-bias0/report.json", "round15/eval-ppl-long.json",
-                                        "round21/eval-ppl-32k-64k.json"]),
+                                        "round21/eval-ppl-32k-64k.json", "round24/eval-ppl-128k.json"]),
     "fixed 1 nat (rounds 28, 30)": (1.0, 0.0, ["round28/eval-ppl-bias1/report.json",
                                                "round30/eval-ppl-16k-b1/report.json",
-                                               "round28/eval-ppl-32k-bias1/report.json"]),
-    "0.5 nat per doubling from 8k": (0.0, 0.5, ["round30/eval-ppl-g0.5/report.json"]),
+                                               "round28/eval-ppl-32k-bias1/report.json",
+                                               "round31/eval-ppl-b1/report.json"]),
+    "0.5 nat per doubling from 8k": (0.0, 0.5, ["round30/eval-ppl-g0.5/report.json",
+                                                "round31/eval-ppl-g0.5/report.json"]),
     "0.25 nat per doubling from 8k": (0.0, 0.25, ["round30/eval-ppl-g0.25/report.json"]),
 }  # fmt: skip
 START = 8192
-LONGEST = 32768  # round 21's 64k point is bias 0 only
 
 
-def read_ppl(paths: list[str]) -> dict[int, float]:
+def read_ppl(paths: list[str], longest: int) -> dict[int, float]:
     """Length (tokens) -> perplexity over the reports that exist (later files win on a shared length)."""
     points = {}
     for rel in paths:
@@ -37,7 +39,7 @@ def read_ppl(paths: list[str]) -> dict[int, float]:
         if not path.exists():
             continue
         for by_length in json.loads(path.read_text())["perplexity"].values():
-            points |= {int(length): cell["ppl"] for length, cell in by_length.items() if int(length) <= LONGEST}
+            points |= {int(length): cell["ppl"] for length, cell in by_length.items() if int(length) <= longest}
     return dict(sorted(points.items()))
 
 
@@ -54,11 +56,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=STUDY / "round30" / "ppl_by_bias.png")
+    ap.add_argument("--longest", type=int, default=32768, help="tokens: the longest length drawn")
     args = ap.parse_args()
     fig, (ax_ppl, ax_bias) = plt.subplots(1, 2, figsize=(12, 4.5))
-    lengths = [2048 * 2 ** (i / 8) for i in range(8 * 4 + 1)]  # 2k .. 32k
+    doublings = round(math.log2(args.longest / 2048))
+    lengths = [2048 * 2 ** (i / 8) for i in range(8 * doublings + 1)]  # 2k .. longest
     for color, (label, (bias, growth, paths)) in enumerate(CURVES.items()):
-        points, style = read_ppl(paths), {"color": f"C{color}", "label": label}
+        points, style = read_ppl(paths, args.longest), {"color": f"C{color}", "label": label}
         if points:
             ax_ppl.plot(list(points), list(points.values()), marker="o", **style)
             for length, ppl in points.items():
@@ -66,7 +70,8 @@ def main() -> None:
         ax_bias.plot(lengths, schedule(bias, growth, lengths), **style)
     for ax in (ax_ppl, ax_bias):
         ax.set_xscale("log", base=2)
-        ax.set_xticks([2048, 4096, 8192, 16384, 32768], ["2k", "4k", "8k", "16k", "32k"])
+        ticks = [2048 * 2**i for i in range(doublings + 1)]
+        ax.set_xticks(ticks, [f"{t // 1024}k" for t in ticks])
         ax.set_xlabel("tokens (one held-out document's first L; for the bias: the query's length)")
         ax.grid(alpha=0.3)
     ax_ppl.set_ylabel("perplexity")
