@@ -99,13 +99,21 @@ def test_the_bare_operator_needs_the_start():
         far_logit_bias(opts, torch.arange(24))
 
 
-def test_a_start_of_zero_is_the_models_context(tmp_path):
-    """``convert`` writes the source model's ``max_position_embeddings`` as the start."""
-
-    flags = ["--block-sizes", "8", "--retrieve", "2", "--retrieve-block", "4", "--retrieve-bias-growth", "0.5"]
-    settings = converted_settings(tmp_path, flags)
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [([], (0.5, "native")), (["--retrieve", "0"], (0.0, 0)), (["--retrieve-bias-growth", "0"], (0.0, 0)),
+     (["--retrieve-bias-growth", "1", "--retrieve-bias-from", "64"], (1.0, 64))],
+)  # fmt: skip
+def test_convert_grows_the_bias_past_the_models_context_by_default(tmp_path, args, want):
+    """Rounds 30-31: 0.5 nat per doubling from the model's context; the start written is the source
+    model's ``max_position_embeddings``; none without retrieval; what is given wins."""
+    settings = converted_settings(tmp_path, args)
     native = json.loads((tmp_path / "src" / "config.json").read_text())["max_position_embeddings"]
-    assert native > 0 and (settings["retrieve_bias_growth"], settings["retrieve_bias_from"]) == (0.5, native)
+    growth, start = want
+    assert native > 0 and (settings["retrieve_bias_growth"], settings["retrieve_bias_from"]) == (
+        growth,
+        native if start == "native" else start,
+    )
 
 
 def test_a_config_with_a_start_of_zero_runs_as_with_its_context_and_set_fills_it_in():
