@@ -63,14 +63,21 @@ def test_each_query_is_a_fixed_bias_run_at_its_own_bias(slot):
     [({"retrieve_bias_growth": float("nan"), "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
      ({"retrieve_bias_growth": True, "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
      ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": -8}, r"retrieve_bias_from: expected the tokens"),
-     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens"),
-     ({"retrieve": 0, "retrieve_bias_growth": 0.5, "retrieve_bias_from": 20},
-      r"retrieve_bias_growth: 0.5 grows the far blocks. bias, but retrieve is 0")],
+     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens")],
 )  # fmt: skip
 def test_a_bad_growth_is_named(settings, message):
     raw = {"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, **settings}
     with pytest.raises(TensorizedConfigError, match=rf"tensorized_attention\.{message}"):
         TensorizedOptions.from_dict(raw)
+
+
+def test_without_retrieval_the_growth_is_inert():
+    """``convert`` grows the bias by default, so ``--set retrieve=0`` must work alone: valid, and the same
+    output as without the growth (no start needed, none used)."""
+    q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=40, seed=3)
+    opts = {"sinks": 1, "local": "window", "retrieve": 0}
+    grown = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_bias_growth": 0.5})
+    assert torch.equal(grown, oc.run_slots("torch", q, k, v, (8,), opts))
 
 
 def test_a_start_without_growth_is_allowed():
