@@ -59,8 +59,9 @@ def native_context(config) -> int:
 
 def with_bias_start(options: TensorizedOptions, config, where: str = "tensorized_attention") -> TensorizedOptions:
     """``options`` with a growing far bias's start filled in: ``retrieve_bias_from = 0`` means the
-    model's context, :func:`native_context` of ``config``. Unchanged without a growth or with a start."""
-    if not options.retrieve_bias_growth or options.retrieve_bias_from:
+    model's context, :func:`native_context` of ``config``. Unchanged without retrieval or a growth
+    (nothing to start), or with a start."""
+    if not (options.retrieve and options.retrieve_bias_growth) or options.retrieve_bias_from:
         return options
     native = native_context(config)
     if native <= 0:

@@ -153,3 +153,5 @@ def test_a_config_with_a_start_of_zero_runs_as_with_its_context_and_set_fills_it
     bare.tensorized_attention = {**base, "retrieve_bias_from": 0}
     with pytest.raises(TensorizedConfigError, match=r"config\.tensorized_attention\.retrieve_bias_from: 0 starts"):
         options_from_config(bare)
+    bare.tensorized_attention = {**base, "retrieve": 0, "retrieve_bias_from": 0}
+    assert options_from_config(bare).retrieve_bias_from == 0, "without retrieval there is nothing to start"
