@@ -73,18 +73,6 @@ def default_retrieve_candidates(retrieve: int, given: int | None) -> int:
     return 4 * retrieve if isinstance(retrieve, int) and retrieve > 0 else 0
 
 
-def default_retrieve_bias_growth(retrieve: int, given: float | None) -> float:
-    """``--retrieve-bias-growth``: as given, else 0.5 nat per doubling past the model's context with
-    retrieval (0 without: no far blocks to lower).
-
-    0.5: on the 2k-trained default model, zero-shot, it leaves every length up to the native 8k
-    unchanged, lowered perplexity at 16k to 128k, and found 5 of 6 needles at 32k where bias 0 found
-    3 (half the far blocks as candidates; quality study, rounds 30-31)."""
-    if given is not None:
-        return given
-    return 0.5 if isinstance(retrieve, int) and retrieve > 0 else 0.0
-
-
 @app.command()
 def convert(
     model: Annotated[str, typer.Argument(help="Hub id, local model directory, .gguf file, or 'smollm2' (embedded).")],
@@ -150,13 +138,13 @@ def convert(
         ),
     ] = 0.0,
     retrieve_bias_growth: Annotated[
-        float | None,
+        float,
         typer.Option(
             help="Nats the bias grows by per doubling of a query's length beyond --retrieve-bias-from tokens "
-            "(0: a fixed bias), so it is 0 within the model's context and grows beyond it. Default: 0.5 with "
-            "--retrieve, else 0 (quality study, rounds 30-31)."
+            "(0: a fixed bias), so it can be 0 within the model's context and grow beyond it (quality study, "
+            "rounds 30-31: lower perplexity to 128k, but the 128k passkey lost its first token); not a default."
         ),
-    ] = None,
+    ] = 0.0,
     retrieve_bias_from: Annotated[
         int,
         typer.Option(
@@ -208,7 +196,7 @@ def convert(
             retrieve_candidates=default_retrieve_candidates(retrieve, retrieve_candidates),
             retrieve_candidate_share=retrieve_candidate_share,
             retrieve_bias=retrieve_bias,
-            retrieve_bias_growth=default_retrieve_bias_growth(retrieve, retrieve_bias_growth),
+            retrieve_bias_growth=retrieve_bias_growth,
             retrieve_bias_from=retrieve_bias_from,
             backend=backend,
         )

@@ -78,10 +78,10 @@ class TensorizedOptions:
         logits by ``retrieve_bias + growth * max(0, log2((t + 1) / from))``. The far blocks a
         query reads are its best of more as the length grows, and their share of the late layers'
         softmax grows with them (quality study, round 28); a fixed bias that helps at 32k costs a
-        needle at 8k (round 29). Measured in rounds 30-31 (to 128k); 0.5 from the model's context is
-        the default of ``ctxext convert`` and the shipped recipes, the operator's own default stays 0.
-        Inert without ``retrieve`` (no far blocks to lower), so turning retrieval off on a converted
-        model needs no second setting.
+        needle at 8k (round 29). Measured in rounds 30-31: 0.5 from the native context lowered
+        perplexity at every length to 128k, but lost the first token of the 128k passkey; not a default.
+        Inert without ``retrieve`` (no far blocks to lower), so turning retrieval off on a model that
+        has a growth needs no second setting.
     retrieve_bias_from: tokens from which the bias grows (with ``retrieve_bias_growth``), e.g. the
         model's native context; 0 with a growth: the context of the model the attention is attached
         to (its ``max_position_embeddings``), written into its config as a number when attached

@@ -72,8 +72,8 @@ def test_a_bad_growth_is_named(settings, message):
 
 
 def test_without_retrieval_the_growth_is_inert():
-    """``convert`` grows the bias by default, so ``--set retrieve=0`` must work alone: valid, and the same
-    output as without the growth (no start needed, none used)."""
+    """``--set retrieve=0`` on a model with a growth must work alone: valid, and the same output as
+    without the growth (no start needed, none used)."""
     q, k, v = oc.make_qkv(batch=1, hq=2, hkv=1, n=40, seed=3)
     opts = {"sinks": 1, "local": "window", "retrieve": 0}
     grown = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_bias_growth": 0.5})
@@ -108,12 +108,13 @@ def test_the_bare_operator_needs_the_start():
 
 @pytest.mark.parametrize(
     ("args", "want"),
-    [([], (0.5, "native")), (["--retrieve", "0"], (0.0, 0)), (["--retrieve-bias-growth", "0"], (0.0, 0)),
+    [([], (0.0, 0)), (["--retrieve-bias-growth", "0.5"], (0.5, "native")),
+     (["--retrieve", "0", "--retrieve-bias-growth", "0.5"], (0.5, 0)),
      (["--retrieve-bias-growth", "1", "--retrieve-bias-from", "64"], (1.0, 64))],
 )  # fmt: skip
-def test_convert_grows_the_bias_past_the_models_context_by_default(tmp_path, args, want):
-    """Rounds 30-31: 0.5 nat per doubling from the model's context; the start written is the source
-    model's ``max_position_embeddings``; none without retrieval; what is given wins."""
+def test_convert_starts_a_growth_at_the_models_context(tmp_path, args, want):
+    """No growth by default (round 31); a growth without a start starts at the source model's
+    ``max_position_embeddings``; without retrieval nothing is started; a given start wins."""
     settings = converted_settings(tmp_path, args)
     native = json.loads((tmp_path / "src" / "config.json").read_text())["max_position_embeddings"]
     growth, start = want

@@ -3,6 +3,8 @@
 # zero-shot on the default model where round 30 did not run it: perplexity on the long held-out document's first
 # 64k and 128k tokens (bias 0: 7.86 / 7.80, rounds 21 / 24), the passkey at 128k (bias 0: 3 / 3, round 24), farthest
 # depth first; then a fixed 1 nat at 64k, for the comparison.
+# Ran in round 31 up to the passkey at depth 0.1; the steps after it (ppl 64k bias 1, passkeys 0.5 / 0.9) were
+# stopped for the round's CI run, and the passkey pass was paused (SIGSTOP) for 27 minutes during an earlier one.
 cd "$(git rev-parse --show-toplevel)" && mkdir -p runs/r31
 log() { date -u +"%F %T $*" >> runs/r31/times.log; }
 D=runs/study/train/retrieve-b64-c32
