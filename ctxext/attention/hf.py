@@ -44,7 +44,9 @@ def options_from_config(config) -> TensorizedOptions:
     raw = getattr(config, CONFIG_KEY, None) or {}
     if not isinstance(raw, dict):
         raw = dict(raw)
-    key = (*sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()), native_context(config))
+    unstarted = raw.get("retrieve_bias_growth") and not raw.get("retrieve_bias_from")
+    native = native_context(config) if unstarted else 0  # read only when a growth needs its start
+    key = (*sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in raw.items()), native)
     if key not in _options_cache:
         where = f"config.{CONFIG_KEY}"
         _options_cache[key] = with_bias_start(TensorizedOptions.from_dict(raw, where=where), config, where)
