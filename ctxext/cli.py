@@ -152,6 +152,14 @@ def convert(
             "8192 for SmolLM2), written into OUT's config as the number."
         ),
     ] = 0,
+    retrieve_bias_cap: Annotated[
+        float,
+        typer.Option(
+            help="The most nats any query's far logits are lowered by, fixed bias and growth together (0: no "
+            "cap), e.g. 1 with --retrieve-bias-growth 0.5: 1 nat from 4x the model's context on (quality study, "
+            "round 32); not a default."
+        ),
+    ] = 0.0,
     backend: Annotated[str, typer.Option(help="auto | triton | torch | reference")] = "auto",
     rope_scaling: Annotated[str | None, typer.Option(help="linear | dynamic | yarn | llama3")] = None,
     rope_factor: Annotated[float, typer.Option(help="Rope scaling factor (> 1).")] = 0.0,
@@ -198,6 +206,7 @@ def convert(
             retrieve_bias=retrieve_bias,
             retrieve_bias_growth=retrieve_bias_growth,
             retrieve_bias_from=retrieve_bias_from,
+            retrieve_bias_cap=retrieve_bias_cap,
             backend=backend,
         )
         errors = options.problems(where="option")

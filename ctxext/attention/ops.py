@@ -130,6 +130,7 @@ def tensorized_attention(
     retrieve_bias: float = 0.0,
     retrieve_bias_growth: float = 0.0,
     retrieve_bias_from: int = 0,
+    retrieve_bias_cap: float = 0.0,
     summary_query: torch.Tensor | None = None,
     summary_gate: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
@@ -170,6 +171,7 @@ def tensorized_attention(
         retrieve_bias_growth: nats added to the bias per doubling of a query's length (slot + 1)
             beyond ``retrieve_bias_from`` tokens (0: a fixed bias).
         retrieve_bias_from: tokens from which the bias grows (needed with a growth).
+        retrieve_bias_cap: the most nats a query's far logits are lowered by (0: no cap).
         summary_query: ``(Hq, D)`` learned summary query, unrotated, in the units of q
             (``summary="learned"``; None adds nothing).
         summary_gate: ``(Hq,)`` share of the pooled key in each far entry's key, the rest its
@@ -206,6 +208,7 @@ def tensorized_attention(
         retrieve_bias=retrieve_bias,
         retrieve_bias_growth=retrieve_bias_growth,
         retrieve_bias_from=retrieve_bias_from,
+        retrieve_bias_cap=retrieve_bias_cap,
         backend=backend,
     ).validate()
     return tensorized_attention_with_options(

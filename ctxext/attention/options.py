@@ -87,6 +87,10 @@ class TensorizedOptions:
         to (its ``max_position_embeddings``), written into its config as a number when attached
         (:func:`ctxext.attention.hf.with_bias_start`). The bare operator has no model and needs the
         number.
+    retrieve_bias_cap: the most nats any query's far logits are lowered by, fixed bias and growth
+        together (0: no cap): a growth of 0.5 from 8k capped at 1 is 1 nat from 32k on, where rounds
+        28-30 found the 32k needles, instead of 2 at 128k, where round 31 lost the passkey's first
+        token. At least ``retrieve_bias``.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -107,6 +111,7 @@ class TensorizedOptions:
     retrieve_bias: float = 0.0
     retrieve_bias_growth: float = 0.0
     retrieve_bias_from: int = 0
+    retrieve_bias_cap: float = 0.0
     backend: str = "auto"
 
     @property
@@ -254,8 +259,8 @@ class TensorizedOptions:
         return errors
 
     def _bias_growth_problems(self, where: str) -> list[str]:
-        """``retrieve_bias_growth`` and ``retrieve_bias_from``: a finite growth, a start of 0 (the model's
-        context) or a positive integer."""
+        """``retrieve_bias_growth``, ``retrieve_bias_from`` and ``retrieve_bias_cap``: a finite growth, a
+        start of 0 (the model's context) or a positive integer, a cap of 0 (none) or at least the fixed bias."""
         growth, start = self.retrieve_bias_growth, self.retrieve_bias_from
         if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not math.isfinite(growth):
             return [
@@ -266,6 +271,17 @@ class TensorizedOptions:
             return [
                 f"{where}.retrieve_bias_from: expected the tokens from which the bias grows, a positive integer "
                 f"such as 8192 (the model's native context), got {start!r}"
+            ]
+        cap = self.retrieve_bias_cap
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 0:
+            return [
+                f"{where}.retrieve_bias_cap: expected the most nats the far logits are lowered by, a finite "
+                f"number such as 1.0 (0: no cap), got {cap!r}"
+            ]
+        if cap and cap < self.retrieve_bias:
+            return [
+                f"{where}.retrieve_bias_cap: {cap!r} is below retrieve_bias {self.retrieve_bias!r}, so the fixed "
+                "bias would never apply; raise the cap, lower retrieve_bias, or set the cap to 0 (none)"
             ]
         return []
 

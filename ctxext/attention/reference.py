@@ -152,10 +152,12 @@ def reference_tensorized_attention(
         return score(qp, ks)
 
     def far_logit_bias(p: int) -> float:
-        """Nats off query p's far scores: the fixed bias, and the growth per doubling of p + 1 past its start."""
+        """Nats off query p's far scores: the fixed bias, and the growth per doubling of p + 1 past its start,
+        at most the cap."""
         if not opts.retrieve_bias_growth:
             return opts.retrieve_bias
-        return opts.retrieve_bias + opts.retrieve_bias_growth * max(0.0, math.log2((p + 1) / opts.retrieve_bias_from))
+        bias = opts.retrieve_bias + opts.retrieve_bias_growth * max(0.0, math.log2((p + 1) / opts.retrieve_bias_from))
+        return min(bias, opts.retrieve_bias_cap) if opts.retrieve_bias_cap else bias
 
     def local_stream(p: int, keys: list[int], queries=q, values=v, far=False) -> tuple[torch.Tensor, torch.Tensor]:
         start = keys[0]

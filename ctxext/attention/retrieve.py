@@ -643,18 +643,19 @@ def merge_streams(
 
 def far_logit_bias(opts: TensorizedOptions, slots: torch.Tensor) -> float | torch.Tensor:
     """Nats each query's far logits are lowered by: ``retrieve_bias``, plus ``retrieve_bias_growth``
-    per doubling of the query's length beyond ``retrieve_bias_from`` tokens.
+    per doubling of the query's length beyond ``retrieve_bias_from`` tokens, at most ``retrieve_bias_cap``.
 
     slots: ``(Q,)`` the queries' slots (a query at slot ``t`` has seen ``t + 1`` tokens). Returns the
     plain float when the bias does not grow, else a ``(Q,)`` float64 tensor:
-    ``retrieve_bias + growth * max(0, log2((t + 1) / from))``.
+    ``min(cap, retrieve_bias + growth * max(0, log2((t + 1) / from)))`` (no ``min`` when the cap is 0).
     """
     if not opts.retrieve_bias_growth:
         return opts.retrieve_bias
     if problem := opts.bias_start_problem():
         raise TensorizedConfigError(problem)
     doublings = torch.log2((slots + 1).double() / opts.retrieve_bias_from).clamp_min(0.0)  # (Q,)
-    return opts.retrieve_bias + opts.retrieve_bias_growth * doublings
+    bias = opts.retrieve_bias + opts.retrieve_bias_growth * doublings  # (Q,)
+    return bias.clamp_max(opts.retrieve_bias_cap) if opts.retrieve_bias_cap else bias
 
 
 def merge_far(

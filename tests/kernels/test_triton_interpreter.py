@@ -489,3 +489,6 @@ def test_triton_backend_with_a_growing_far_bias_matches_torch():
     fixed = oc.run_api("triton", q, k, v, (4,), {**opts, "retrieve_bias_growth": 0.0})
     assert (got[:, :, 24:] - fixed[:, :, 24:]).abs().max() > 1e-3, "the bias must grow past 24 tokens here"
     assert (got[:, :, :24] - fixed[:, :, :24]).abs().max() < 1e-6, "and be fixed before"
+    capped = oc.run_api("triton", q, k, v, (4,), {**opts, "retrieve_bias_cap": 1.0})  # 1 nat from 34 tokens on
+    oc.assert_close(capped, oc.run_api("torch", q, k, v, (4,), {**opts, "retrieve_bias_cap": 1.0}), 2e-5, "capped")
+    assert (capped[:, :, 34:] - got[:, :, 34:]).abs().max() > 1e-3, "the cap must act past 34 tokens here"

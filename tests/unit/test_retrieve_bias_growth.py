@@ -1,5 +1,6 @@
 """``retrieve_bias_growth = g`` from ``retrieve_bias_from = F`` tokens: a query at slot ``t`` lowers its
-far logits by ``retrieve_bias + g * max(0, log2((t + 1) / F))`` (quality study, round 30).
+far logits by ``retrieve_bias + g * max(0, log2((t + 1) / F))`` (quality study, round 30), at most
+``retrieve_bias_cap`` nats when a cap is set (round 32).
 Checked: the per-query bias itself; the torch backend against the reference (which computes the
 bias on its own); each query's output equals a fixed-bias run at that query's bias; the convert
 flags, the decode cache and the errors (the Triton backend: tests/kernels/test_triton_interpreter.py)."""
@@ -63,7 +64,11 @@ def test_each_query_is_a_fixed_bias_run_at_its_own_bias(slot):
     [({"retrieve_bias_growth": float("nan"), "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
      ({"retrieve_bias_growth": True, "retrieve_bias_from": 20}, r"retrieve_bias_growth: expected the nats"),
      ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": -8}, r"retrieve_bias_from: expected the tokens"),
-     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens")],
+     ({"retrieve_bias_growth": 0.5, "retrieve_bias_from": 8.5}, r"retrieve_bias_from: expected the tokens"),
+     ({"retrieve_bias_cap": float("inf")}, r"retrieve_bias_cap: expected the most nats"),
+     ({"retrieve_bias_cap": -1.0}, r"retrieve_bias_cap: expected the most nats"),
+     ({"retrieve_bias_cap": "1"}, r"retrieve_bias_cap: expected the most nats"),
+     ({"retrieve_bias": 1.0, "retrieve_bias_cap": 0.5}, r"retrieve_bias_cap: 0\.5 is below retrieve_bias 1\.0")],
 )  # fmt: skip
 def test_a_bad_growth_is_named(settings, message):
     raw = {"block_sizes": [8], "retrieve": 2, "retrieve_block": 4, **settings}
@@ -156,3 +161,39 @@ def test_a_config_with_a_start_of_zero_runs_as_with_its_context_and_set_fills_it
         options_from_config(bare)
     bare.tensorized_attention = {**base, "retrieve": 0, "retrieve_bias_from": 0}
     assert options_from_config(bare).retrieve_bias_from == 0, "without retrieval there is nothing to start"
+
+
+def test_the_cap_bounds_the_growing_bias():
+    """``retrieve_bias_cap``: the fixed bias and the growth together stop at the cap; 0 is no cap."""
+    from ctxext.attention.retrieve import far_logit_bias
+
+    capped = TensorizedOptions(block_sizes=(8,), retrieve=2, **GROWTH, retrieve_bias_cap=1.25)
+    bias = far_logit_bias(capped, torch.tensor([0, 19, 29, 39, 79, 1279]))  # lengths 1, 20, 30, 40, 80, 1280
+    want = [0.5, 0.5, 0.5 + math.log2(1.5), 1.25, 1.25, 1.25]
+    assert bias.tolist() == pytest.approx(want, abs=1e-12)
+    uncapped = far_logit_bias(TensorizedOptions(block_sizes=(8,), retrieve=2, **GROWTH), torch.tensor([1279]))
+    assert uncapped.item() == pytest.approx(6.5), "without a cap the bias keeps growing"
+
+
+@pytest.mark.parametrize("rope", ["absolute", "axis"])
+def test_a_capped_growth_matches_the_reference_and_acts_only_past_the_cap(rope):
+    """0.5 + log2((t + 1) / 20) reaches the cap of 1.0 at t + 1 = 20 * 2 ** 0.5 (slot 27): the capped run
+    equals the uncapped one before it and differs after; torch agrees with the reference (which computes
+    the capped bias on its own)."""
+    q, k, v = oc.make_qkv(batch=2, hq=4, hkv=2, n=45, seed=5)
+    opts = {**OPTS, **GROWTH, "rope": rope, "retrieve_candidates": 4}
+    capped = oc.run_slots("torch", q, k, v, (8,), {**opts, "retrieve_bias_cap": 1.0})
+    reference = oc.run_slots("reference", q, k, v, (8,), {**opts, "retrieve_bias_cap": 1.0})
+    oc.assert_close(capped, reference, 1e-12, "capped growth: torch vs reference")
+    uncapped = oc.run_slots("torch", q, k, v, (8,), opts)
+    assert (capped[:, :, :28] - uncapped[:, :, :28]).abs().max() == 0.0, "below the cap nothing changes"
+    assert (capped[:, :, 28:] - uncapped[:, :, 28:]).abs().max() > 1e-3, "past it the cap must act"
+    fixed = oc.run_slots("torch", q, k, v, (8,), {**OPTS, "rope": rope, "retrieve_candidates": 4, "retrieve_bias": 1.0})
+    assert (capped[:, :, 28:] - fixed[:, :, 28:]).abs().max() < 1e-12, "past the cap: a fixed bias at the cap"
+
+
+def test_convert_flag_for_the_cap_reaches_the_model(tmp_path):
+    """A growth of 1 from 20 tokens capped at 1 nat: the cap acts from slot 40 (41 tokens) on."""
+    flags = ["--retrieve", "2", "--retrieve-block", "4", "--retrieve-bias-growth", "1.0", "--retrieve-bias-from", "20",
+             "--retrieve-bias-cap", "1.0"]  # fmt: skip
+    check_convert_flag(tmp_path, flags, "retrieve_bias_cap", 1.0, off=0.0, same_before=40, bad_value="nan")
