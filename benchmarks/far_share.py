@@ -23,6 +23,8 @@ and tries two ways of lowering it where the question is asked, without a pass pe
   (the far read's log-sum-exp minus ``B`` before the merge); ``inf`` removes the far read there.
 * ``--reads K``: from the question on, each head reads only its ``K`` best far blocks (of
   ``retrieve``; the choice ranks them best first).
+* ``--task passkey``: the same for a pass key in repeated noise (round 32: the 128k passkey whose
+  first answer token a far bias of 1-2 nats lost), instead of a needle in Python source.
 
 Only the question and answer change; every haystack token is computed as the model computes it.
 ``--shorten`` cuts the haystack from the front as ``needle_choice.py --shorten`` does (the same
@@ -222,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a tensorized model with far-block retrieval: adapter or model directory")
     ap.add_argument("--set", dest="settings", action="append", default=[], help="KEY=VALUE tensorized override")
+    ap.add_argument(
+        "--task",
+        choices=["needle", "passkey"],
+        default="needle",
+        help="needle: a number in Python source (the default); passkey: a pass key in repeated noise",
+    )
     ap.add_argument("--lengths", default="8k", help="comma-separated lengths (k = 1,024)")
     ap.add_argument("--depths", default="0.9", help="comma-separated needle depths in [0, 1]")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (each draws its own city, number, text)")
@@ -256,14 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     if too_many:
         raise SystemExit(f"--reads {too_many[0]}: the model reads {opts.retrieve} far blocks; give fewer")
     label = args.label or " ".join([Path(args.model).name, *args.settings])
-    result = {"label": label, "model": args.model, "settings": settings, "options": opts.to_dict(), "samples": []}
+    result = {"label": label, "model": args.model, "task": args.task, "settings": settings, "options": opts.to_dict()}
+    result["samples"] = []
     probe = FarReadProbe(decode.merge_far, decode.far_block_index)
     decode.merge_far, decode.far_block_index = probe.merge_far, probe.far_block_index
     try:
         for length in lengths:
             for depth in (float(x) for x in args.depths.split(",")):
                 for seed in (int(x) for x in args.seeds.split(",")):
-                    sample = make_sample("needle", tok, length, depth, seed)
+                    sample = make_sample(args.task, tok, length, depth, seed)
                     result["samples"].append(score_needle(model, tok, sample, probe, variants, seed))
                     for short in shorten:
                         cut = shortened(sample, short)

@@ -73,3 +73,24 @@ def test_bad_variants_are_refused(tmp_path):
     assert [v.name for v in script.parse_variants("0,1.5", "2")] == ["bias 0", "bias 1.5", "reads 2"]
     with pytest.raises(SystemExit, match="reads 4 far blocks; give fewer"):
         script.main([str(_tiny_dir(tmp_path, 4)), *ARGS, "--reads", "4", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_passkey_is_scored_like_a_needle(tmp_path):
+    """``--task passkey``: the pass key's answer from the cache equals one forward pass over the passkey sample."""
+    script = load_benchmark("far_share")
+    from ctxext.evaluate.retrieval import teacher_forced_logprobs
+    from ctxext.evaluate.runner import ModelEntry, load_entry
+    from ctxext.evaluate.tasks import make_sample
+
+    model_dir = str(_tiny_dir(tmp_path, 4))
+    result = script.main([model_dir, *ARGS, "--task", "passkey", "--bias", "1", "--out", str(tmp_path / "pk.json")])
+    assert result["task"] == "passkey"
+    model, tok = load_entry(ModelEntry(model_dir, model_dir), torch.device("cpu"))
+    sample = make_sample("passkey", tok, 1024, 0.5, 0)
+    assert result["samples"][0]["answer"] == sample.answer
+    with torch.inference_mode():
+        logp = teacher_forced_logprobs(model, sample.input_ids, sample.answer_start)  # (A, V)
+    expected = [float(logp[i, t]) for i, t in enumerate(sample.input_ids[sample.answer_start :])]
+    base, biased = result["samples"][0]["variants"]
+    assert base["logp_right"] == pytest.approx(expected, abs=2e-4), "the passkey's cached path is one forward pass"
+    assert biased["logp_right"] != base["logp_right"], "the bias at the question changes the answer's log-probs"
