@@ -196,7 +196,13 @@ def plot(result: dict, path: Path) -> None:
         p_right = [math.exp(v["logp_right"][0]) for v in finite]
         ax_bias.plot([v["bias"] for v in finite], p_right, marker="o", label=label)
     ax_share.set(xlabel="layer", ylabel="far share on the first answer token (%)", title="attention on far blocks")
-    ax_bias.set(xlabel="far logits lowered by (nats), from the question on", ylabel="p(right first answer token)")
+    options = result.get("options", {})
+    own = (
+        " beyond the model's own far bias"
+        if options.get("retrieve_bias") or options.get("retrieve_bias_growth")
+        else ""
+    )
+    ax_bias.set(xlabel=f"far logits lowered by (nats), from the question on{own}", ylabel="p(right first answer token)")
     ax_bias.axhline(0.5, color="grey", lw=0.5)
     for ax in (ax_share, ax_bias):
         ax.grid(alpha=0.3)

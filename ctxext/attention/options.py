@@ -79,7 +79,8 @@ class TensorizedOptions:
         query reads are its best of more as the length grows, and their share of the late layers'
         softmax grows with them (quality study, round 28); a fixed bias that helps at 32k costs a
         needle at 8k (round 29). Measured in rounds 30-31: 0.5 from the native context lowered
-        perplexity at every length to 128k, but lost the first token of the 128k passkey; not a default.
+        perplexity at every length to 128k, but lost the first token of the 128k passkey; not a default
+        (``retrieve_bias_cap`` stops it, round 32).
         Inert without ``retrieve`` (no far blocks to lower), so turning retrieval off on a model that
         has a growth needs no second setting.
     retrieve_bias_from: tokens from which the bias grows (with ``retrieve_bias_growth``), e.g. the
@@ -88,9 +89,10 @@ class TensorizedOptions:
         (:func:`ctxext.attention.hf.with_bias_start`). The bare operator has no model and needs the
         number.
     retrieve_bias_cap: the most nats any query's far logits are lowered by, fixed bias and growth
-        together (0: no cap): a growth of 0.5 from 8k capped at 1 is 1 nat from 32k on, where rounds
-        28-30 found the 32k needles, instead of 2 at 128k, where round 31 lost the passkey's first
-        token. At least ``retrieve_bias``.
+        together (0: no cap): a growth of 0.5 from 8k capped at 0.5 is 0.5 nat from 16k on instead of
+        2 at 128k. Measured zero-shot in round 32: at the 128k passkey's question 1 nat or more loses
+        its first answer token (the uncapped growth and a cap of 1 both miss it), a cap of 0.5 finds
+        it. At least ``retrieve_bias``; not a default.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 

@@ -4,6 +4,7 @@
 # (benchmarks/far_share.py --task passkey). A: the haystack under a growth capped at 0.5 nat (its own "bias 0"
 # variant is exactly that setting, one forward pass), the question lowered 0.25 / 0.5 / 1.5 nat more (0.75 / 1 / 2
 # in all); B: the haystack at bias 0 (the default model as shipped), the question lowered 0.25 / 0.5 / 1 / 2 nats.
+# Ran A; B was moved behind a perplexity pass (chain3.sh) once A found the passkey with the 0.5 cap.
 cd "$(git rev-parse --show-toplevel)" && mkdir -p runs/r32
 log() { date -u +"%F %T $*" >> runs/r32/times.log; }
 D=runs/study/train/retrieve-b64-c32
