@@ -92,7 +92,7 @@ class TensorizedOptions:
         together (0: no cap): a growth of 0.5 from 8k capped at 0.5 is 0.5 nat from 16k on instead of
         2 at 128k. Measured zero-shot in round 32: at the 128k passkey's question 1 nat or more loses
         its first answer token (the uncapped growth and a cap of 1 both miss it), a cap of 0.5 finds
-        it. At least ``retrieve_bias``; not a default.
+        it. At least ``retrieve_bias``, so it is inert without a growth; not a default.
     backend: ``auto``, ``triton``, ``torch`` or ``reference``.
     """
 
@@ -278,7 +278,7 @@ class TensorizedOptions:
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 0:
             return [
                 f"{where}.retrieve_bias_cap: expected the most nats the far logits are lowered by, a finite "
-                f"number such as 1.0 (0: no cap), got {cap!r}"
+                f"number such as 0.5 (0: no cap), got {cap!r}"
             ]
         if cap and cap < self.retrieve_bias:
             return [
