@@ -113,20 +113,21 @@ def test_the_bare_operator_needs_the_start():
 
 @pytest.mark.parametrize(
     ("args", "want"),
-    [([], (0.0, 0)), (["--retrieve-bias-growth", "0.5"], (0.5, "native")),
-     (["--retrieve", "0", "--retrieve-bias-growth", "0.5"], (0.5, 0)),
-     (["--retrieve-bias-growth", "1", "--retrieve-bias-from", "64"], (1.0, 64))],
+    [([], (0.5, "native", 0.5)), (["--retrieve-bias-cap", "1"], (0.5, "native", 1.0)),
+     (["--retrieve-bias-growth", "0"], (0.0, 0, 0.0)), (["--retrieve-bias-growth", "0.5"], (0.5, "native", 0.0)),
+     (["--retrieve-bias", "1"], (0.0, 0, 0.0)), (["--retrieve", "0"], (0.0, 0, 0.0)),
+     (["--retrieve", "0", "--retrieve-bias-growth", "0.5"], (0.5, 0, 0.0)),
+     (["--retrieve-bias-growth", "1", "--retrieve-bias-from", "64"], (1.0, 64, 0.0))],
 )  # fmt: skip
-def test_convert_starts_a_growth_at_the_models_context(tmp_path, args, want):
-    """No growth by default (round 31); a growth without a start starts at the source model's
-    ``max_position_embeddings``; without retrieval nothing is started; a given start wins."""
+def test_convert_grows_a_capped_bias_past_the_models_context_by_default(tmp_path, args, want):
+    """Rounds 30-33: 0.5 nat per doubling from the source model's ``max_position_embeddings``,
+    at most 0.5 nat; a given growth keeps its own cap (none unless given); a fixed bias asked for
+    alone stays fixed; without retrieval nothing is started; a given start wins."""
     settings = converted_settings(tmp_path, args)
     native = json.loads((tmp_path / "src" / "config.json").read_text())["max_position_embeddings"]
-    growth, start = want
-    assert native > 0 and (settings["retrieve_bias_growth"], settings["retrieve_bias_from"]) == (
-        growth,
-        native if start == "native" else start,
-    )
+    growth, start, cap = want
+    got = (settings["retrieve_bias_growth"], settings["retrieve_bias_from"], settings["retrieve_bias_cap"])
+    assert native > 0 and got == (growth, native if start == "native" else start, cap)
 
 
 def test_a_config_with_a_start_of_zero_runs_as_with_its_context_and_set_fills_it_in():
