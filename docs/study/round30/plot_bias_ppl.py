@@ -1,14 +1,15 @@
 """Round 30's figure: perplexity against length for the default model at bias 0, a fixed 1 nat and the
 biases that grow past 8,192 tokens (left), and the bias each schedule puts on a query's far logits (right).
 
-Reads the ``ctxext eval`` report JSONs of rounds 15, 21, 24, 28, 30, 31 and 32 (one held-out document per
+Reads the ``ctxext eval`` report JSONs of rounds 15, 21, 24, 28, 30, 31, 32 and 33 (one held-out document per
 length); a curve shows only the lengths that were run, up to ``--longest``. A report named ``file@L`` gives only
 its lengths up to ``L`` (a capped growth equals the uncapped one below its cap, so it shares those points). Run
-from the repository root after round 30's ``chain2.sh`` and ``chain3.sh`` (and rounds 31-32's chains for the
+from the repository root after round 30's ``chain2.sh`` and ``chain3.sh`` (and rounds 31-33's chains for the
 longer figures)::
 
     python docs/study/round30/plot_bias_ppl.py --out docs/study/round30/ppl_by_bias.png
     python docs/study/round30/plot_bias_ppl.py --longest 131072 --out docs/study/round32/ppl_by_bias.png
+    python docs/study/round30/plot_bias_ppl.py --longest 131072 --out docs/study/round33/ppl_by_bias.png
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 
 STUDY = Path("docs/study")
 CURVES = {  # label -> (fixed bias, growth per doubling past 8,192 tokens, cap (0: none), report JSONs)
-    "bias 0 (the default)": (0.0, 0.0, 0.0, ["round28/eval-ppl-bias0/report.json", "round15/eval-ppl-long.json",
-                                        "round21/eval-ppl-32k-64k.json", "round24/eval-ppl-128k.json"]),
+    "bias 0 (the default to round 32)": (0.0, 0.0, 0.0, ["round28/eval-ppl-bias0/report.json",
+                                                         "round15/eval-ppl-long.json",
+                                                         "round21/eval-ppl-32k-64k.json",
+                                                         "round24/eval-ppl-128k.json"]),
     "fixed 1 nat (rounds 28, 30)": (1.0, 0.0, 0.0, ["round28/eval-ppl-bias1/report.json",
                                                "round30/eval-ppl-16k-b1/report.json",
                                                "round28/eval-ppl-32k-bias1/report.json",
@@ -29,8 +32,9 @@ CURVES = {  # label -> (fixed bias, growth per doubling past 8,192 tokens, cap (
     "0.5 nat per doubling from 8k": (0.0, 0.5, 0.0, ["round30/eval-ppl-g0.5/report.json",
                                                      "round31/eval-ppl-g0.5/report.json"]),
     "0.25 nat per doubling from 8k": (0.0, 0.25, 0.0, ["round30/eval-ppl-g0.25/report.json"]),
-    "0.5 nat per doubling, capped at 0.5 (round 32)": (0.0, 0.5, 0.5, ["round30/eval-ppl-g0.5/report.json@16384",
-                                                                       "round32/eval-ppl-cap0.5/report.json"]),
+    "0.5 nat per doubling, capped at 0.5 (the default)": (0.0, 0.5, 0.5, ["round30/eval-ppl-g0.5/report.json@16384",
+                                                                           "round32/eval-ppl-cap0.5/report.json",
+                                                                           "round33/eval-ppl-cap0.5/report.json"]),
 }  # fmt: skip
 START = 8192
 
