@@ -84,11 +84,9 @@ def default_retrieve_bias_schedule(
     unchanged, perplexity at 16k-128k is lower than at bias 0, the 32k needles found rise from 3 to
     5 of 6, and the 128k passkeys are kept, which 1 nat or more at the question loses (quality
     study, rounds 30-33)."""
-    if growth is not None:
-        return growth, 0.0 if cap is None else cap
-    if isinstance(retrieve, int) and retrieve > 0 and retrieve_bias == 0:
+    if growth is None and isinstance(retrieve, int) and retrieve > 0 and retrieve_bias == 0:
         return 0.5, 0.5 if cap is None else cap
-    return 0.0, 0.0 if cap is None else cap
+    return 0.0 if growth is None else growth, 0.0 if cap is None else cap
 
 
 @app.command()
