@@ -236,8 +236,8 @@ def candidate_count(opts: TensorizedOptions, far_blocks: torch.Tensor, top: int)
 
 
 # ``length_advice`` warns when a query's far blocks outnumber its candidates by more than this. Measured
-# on the default model (quality study, rounds 21-22): 32 candidates of 252 far blocks (16k, 7.9x) found
-# 5 / 6 needles, of 508 (32k, 15.9x) none; two lengths, so the threshold sits between them.
+# on the default model (quality study, rounds 22, 30 and 34): 32 candidates of 252 far blocks (16k, 7.9x)
+# found 4 / 6 needles, of 508 (32k, 15.9x) none; two lengths, so the threshold sits between them.
 FAR_BLOCKS_PER_CANDIDATE = 8
 
 
@@ -257,11 +257,10 @@ def length_advice(opts: TensorizedOptions, length: int) -> str | None:
         return None
     return (
         f"at {length:,} tokens a query chooses its {opts.retrieve} far blocks from {candidates} candidates of "
-        f"up to {far} far blocks; the default model found 5 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
-        "(32 of 508), 2 / 6 with 128 candidates and 3 / 6 with half the far blocks, scored by generation "
-        "(quality study, rounds 22 and 25: docs/RESULTS.md); consider "
-        "--set retrieve_candidate_share=0.25 (candidates a quarter of the far blocks; slower: it scores a "
-        "quarter of full attention's q.k products)"
+        f"up to {far} far blocks; the default model found 4 / 6 needles at 16k (32 of 252) but 0 / 6 at 32k "
+        "(32 of 508), 2 / 6 with a quarter of the far blocks as candidates and 5 / 6 with half, by generation "
+        "with the default far bias (quality study, rounds 30-34: docs/RESULTS.md); consider "
+        "--set retrieve_candidate_share=0.5 (slower: it scores half of full attention's q.k products)"
     )
 
 

@@ -379,7 +379,7 @@ def test_each_finished_cell_is_printed_above_the_progress_bar(tmp_path, capsys):
 
 
 def test_eval_warns_when_the_far_blocks_outnumber_the_candidates_at_the_longest_length(tmp_path):
-    """Rounds 21-22: 32 candidates of 252 far blocks found 5 / 6 needles at 16k, of 508 none at 32k. Blocks
+    """Rounds 22-34: 32 candidates of 252 far blocks found 4 / 6 needles at 16k, of 508 none at 32k. Blocks
     of 8 reading 2 far blocks of 4 with 4 candidates: at 300 tokens a query has 72 far blocks (18 per
     candidate): warned, in the report too; a share of a quarter (18 candidates) is not."""
     import warnings
@@ -391,7 +391,7 @@ def test_eval_warns_when_the_far_blocks_outnumber_the_candidates_at_the_longest_
                     settings=narrow)  # fmt: skip
     with pytest.warns(UserWarning, match=r"tiny-ta .*: at 300 tokens .* from 4 candidates of up to 72 far blocks"):
         report = run(spec, progress=False)
-    assert "retrieve_candidate_share=0.25" in report["models"][0]["advice"][0]
+    assert "retrieve_candidate_share=0.5" in report["models"][0]["advice"][0]
     md = (tmp_path / "narrow" / "report.md").read_text()
     assert "**Note on tiny-ta (" in md and ":** at 300 tokens" in md
     spec.settings, spec.out = {**narrow, "retrieve_candidate_share": 0.25}, tmp_path / "shared"

@@ -87,9 +87,9 @@ def test_convert_flag_reaches_the_model_and_the_decode_cache_matches_one_forward
 def test_the_length_advice_for_the_shipped_choice_starts_past_16k_and_a_quarter_share_silences_it():
     shipped = TensorizedOptions(sinks=4, local="window", long_range=False, retrieve=8, retrieve_block=64,
                                 retrieve_candidates=32)  # fmt: skip
-    assert length_advice(shipped, 16_384) is None, "252 far blocks for 32 candidates: 5 / 6 needles measured"
+    assert length_advice(shipped, 16_384) is None, "252 far blocks for 32 candidates: 4 / 6 needles measured"
     note = length_advice(shipped, 32_768)
-    assert note and "32 candidates of up to 508 far blocks" in note and "retrieve_candidate_share=0.25" in note
+    assert note and "32 candidates of up to 508 far blocks" in note and "retrieve_candidate_share=0.5" in note
     shared = TensorizedOptions(**{**shipped.to_dict(), "block_sizes": (128,), "retrieve_candidate_share": 0.25})
     assert length_advice(shared, 131_072) is None
     assert length_advice(TensorizedOptions(sinks=4), 131_072) is None, "no retrieval, nothing to advise"
