@@ -197,7 +197,8 @@ def convert(
     in two stages (32 candidates by the bound, then the exact max q.k): 5 of 6 needles at 16k tokens
     where the bound alone found 1 (rounds 13-15). Past the model's context the far logits are
     lowered by 0.5 nat per doubling, at most 0.5 nat: zero-shot, lower perplexity from 16k to
-    128k, more 32k needles found and the 128k passkeys kept (rounds 30-33). The tensorized outer
+    128k, more 32k needles found with half the far blocks as candidates (none with the shipped 32
+    either way) and the 128k passkeys kept (rounds 30-34). The tensorized outer
     hops are off (``--long-range`` adds them): trained beside retrieval they recalled no more and
     fitted no better, and they cost time (round 9).
     """
