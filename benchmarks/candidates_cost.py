@@ -1,9 +1,12 @@
 """What the two-stage far-block choice costs as its candidates grow: the torch backend's attention call
 with ``retrieve_candidates`` = C for several C, and with ``retrieve_candidate_share`` = s (candidates a
-share of each query's far blocks, at least the shipped 32) for several s, side by side, beside SDPA.
+share of each query's far blocks, at least the shipped 32) for several s, and with the shipped 32 proposed by
+the bound over sub-blocks of g slots (``retrieve_score_block`` = g, round 35) for several g, side by side,
+beside SDPA.
 
     python benchmarks/candidates_cost.py --lengths 8k,16k,32k --candidates 0,32,64,128 --shares 0.25 \
-        --repeats 2 --threads 2 --out docs/bench/candidates_cost.json --plot docs/bench/candidates_cost.png
+        --score-blocks 16 --repeats 2 --threads 2 --out docs/bench/candidates_cost.json \
+        --plot docs/bench/candidates_cost.png
 
 Round 22 found the 2k-trained default model's needles lost at 32k with 32 candidates (the bound
 proposes 32 of 512 far blocks) and found with 128: this says what the larger choice costs. C = 0 is
@@ -34,20 +37,25 @@ from ctxext.attention.torch_backend import torch_tensorized_attention  # noqa: E
 from ctxext.bench.runner import parse_lengths  # noqa: E402
 
 
-def settings(candidates: list[int], shares: list[float]) -> dict[str, tuple[str, object]]:
-    """Column key -> (label, options): each fixed count C, then each share s over the shipped count."""
+def settings(candidates: list[int], shares: list[float], score_blocks: list[int] = ()) -> dict[str, tuple[str, object]]:
+    """Column key -> (label, options): each fixed count C, then each share s over the shipped count, then the
+    shipped count proposed by the bound over sub-blocks of g slots."""
     out = {f"c{c}": (f"C = {c}", dataclasses.replace(OPTS, retrieve_candidates=c)) for c in candidates}
     for share in shares:
         out[f"s{share:g}"] = (f"s = {share:g}", dataclasses.replace(OPTS, retrieve_candidate_share=share))
+    for grain in score_blocks:
+        out[f"g{grain}"] = (f"g = {grain}", dataclasses.replace(OPTS, retrieve_score_block=grain))
     return out
 
 
-def measure(length: int, candidates: list[int], repeats: int, shares: list[float] = ()) -> dict:
+def measure(
+    length: int, candidates: list[int], repeats: int, shares: list[float] = (), score_blocks: list[int] = ()
+) -> dict:
     """One row: seconds (medians) of SDPA and of the attention call at each candidate count and share."""
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(1, h, length, D, generator=gen) for h in (HQ, HKV, HKV))  # (1, H, N, D)
     calls = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
-    for key, (_, opts) in settings(candidates, shares).items():
+    for key, (_, opts) in settings(candidates, shares, score_blocks).items():
         calls[key] = lambda opts=opts: torch_tensorized_attention(q, k, v, opts)
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
@@ -59,9 +67,9 @@ def measure(length: int, candidates: list[int], repeats: int, shares: list[float
     return row
 
 
-def table(rows: list[dict], candidates: list[int], shares: list[float] = ()) -> str:
+def table(rows: list[dict], candidates: list[int], shares: list[float] = (), score_blocks: list[int] = ()) -> str:
     """Seconds per setting, then each setting's time over the shipped count's (or the first count's)."""
-    columns = settings(candidates, shares)
+    columns = settings(candidates, shares, score_blocks)
     base = f"c{OPTS.retrieve_candidates}" if OPTS.retrieve_candidates in candidates else f"c{candidates[0]}"
     others = [key for key in columns if key != base]
     head = ["N", "far blocks", "SDPA s", *(f"{label} s" for label, _ in columns.values())]
@@ -75,7 +83,9 @@ def table(rows: list[dict], candidates: list[int], shares: list[float] = ()) -> 
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], candidates: list[int], path: Path, shares: list[float] = ()) -> None:
+def plot(
+    rows: list[dict], candidates: list[int], path: Path, shares: list[float] = (), score_blocks: list[int] = ()
+) -> None:
     """Seconds against length, one line per candidate count or share and one for SDPA (log-log)."""
     import matplotlib
 
@@ -86,7 +96,7 @@ def plot(rows: list[dict], candidates: list[int], path: Path, shares: list[float
     lengths = [r["n"] for r in rows]
     lines = [
         ("sdpa", "SDPA (full attention)"),
-        *((key, label) for key, (label, _) in settings(candidates, shares).items()),
+        *((key, label) for key, (label, _) in settings(candidates, shares, score_blocks).items()),
     ]
     for name, label in lines:
         ax.plot(lengths, [r[f"{name}_s"] for r in rows], marker="o", label=label)
@@ -110,6 +120,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--shares", default="", help="comma-separated retrieve_candidate_share, each over the shipped count (e.g. 0.25)"
     )
+    ap.add_argument(
+        "--score-blocks",
+        default="",
+        help="comma-separated retrieve_score_block g: the shipped candidates proposed by the bound over sub-blocks "
+        "of g slots (a divisor of the far block's 64, below it)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON of the rows")
@@ -122,20 +138,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shares = [float(x) for x in args.shares.split(",") if x.strip()]
     if any(not 0 < x <= 1 for x in shares):
         ap.error(f"--shares: {shares}: each a share of the far blocks in (0, 1], e.g. 0.25")
+    score_blocks = [int(g) for g in args.score_blocks.split(",") if g.strip()]
+    m = OPTS.retrieval_block
+    if any(not 0 < g < m or m % g for g in score_blocks):
+        ap.error(f"--score-blocks: {score_blocks}: each a divisor of the far block's {m} slots below it, e.g. 16")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for length in parse_lengths(args.lengths):
-        rows.append(measure(length, candidates, args.repeats, shares))
-        print(table(rows[-1:], candidates, shares).splitlines()[-1], flush=True)
-    print(table(rows, candidates, shares))
+        rows.append(measure(length, candidates, args.repeats, shares, score_blocks))
+        print(table(rows[-1:], candidates, shares, score_blocks).splitlines()[-1], flush=True)
+    print(table(rows, candidates, shares, score_blocks))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"command": "python benchmarks/candidates_cost.py " + " ".join(argv), "torch": torch.__version__}
-        rows_out = {"threads": torch.get_num_threads(), "candidates": candidates, "shares": shares, "rows": rows}
+        rows_out = {"threads": torch.get_num_threads(), "candidates": candidates, "shares": shares}
+        rows_out.update(score_blocks=score_blocks, rows=rows)
         args.out.write_text(json.dumps({**meta, **rows_out}, indent=2) + "\n")
     if args.plot:
-        plot(rows, candidates, args.plot, shares)
+        plot(rows, candidates, args.plot, shares, score_blocks)
     return rows
 
 
