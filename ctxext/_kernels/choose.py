@@ -12,7 +12,9 @@ the exact stage:
   keys) and keeps each query's ``CP`` best blocks in registers: the running best and the new
   tile are joined and sorted (``tl.sort``), the upper half kept; a tile that beats no kept block
   of any of the program's queries is skipped. Only blocks before the tile's
-  last local range are visited (causal: about half of them).
+  last local range are visited (causal: about half of them). With ``PER > 1`` sub-blocks per
+  block (``retrieve_score_block``) a block scores the largest bound over its sub-blocks that
+  hold a retrievable key: two ``tl.dot`` per sub-block.
 * ``choose_exact_kernel``: one program per (far block, batch x query head), over the (query,
   candidate) pairs that proposed the block, gathered from a CSR list
   (:func:`ctxext._kernels.retrieve.query_lists`, a sort in PyTorch): the block's keys are loaded
@@ -29,9 +31,9 @@ orders by score and, at equal scores, prefers the lower block. ``-inf`` marks an
 empty entry; the output's block number is then ``-1``, as in the PyTorch choice.
 
 Inputs are contiguous float32 (the Triton backend's accumulation dtype): queries
-``(B, HQ, L, D)``, per-block key maxima and minima ``(B, HKV, NB, D)`` (0 for a block without a
-retrievable key), ``HAS`` ``(B, NB)`` uint8 (the block holds a retrievable key), keys
-``(B, HKV, L, D)`` and ``KOK`` ``(B, L)`` uint8 (retrievable keys).
+``(B, HQ, L, D)``, per-sub-block key maxima and minima ``(B, HKV, NB * PER, D)`` (0 for a sub-block
+without a retrievable key), ``SUB`` ``(B, NB * PER)`` uint8 (the sub-block holds a retrievable key;
+with ``PER = 1`` the block), keys ``(B, HKV, L, D)`` and ``KOK`` ``(B, L)`` uint8 (retrievable keys).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def _unpack(packed):
 
 @triton.jit
 def choose_bound_kernel(
-    Q, KMAX, KMIN, HAS, IDX,
-    L, D, HQ, G, NB, M, N, C_OUT,
+    Q, KMAX, KMIN, SUB, IDX,
+    L, D, HQ, G, NB, PER, M, N, C_OUT,
     WINDOW: tl.constexpr, PREC: tl.constexpr, CP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1)
@@ -80,20 +82,24 @@ def choose_bound_kernel(
     if WINDOW:
         start = tl.maximum(start - N, 0)
     start = tl.where(q_in, start, 0)
-    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * NB
+    kv_base = (b.to(tl.int64) * (HQ // G) + (bh % HQ) // G) * NB * PER
     best = _pack(tl.full([BLOCK_Q, CP], float("-inf"), tl.float32), tl.full([BLOCK_Q, CP], -1, tl.int32))
     far = tl.max(start, 0) // M  # blocks 0 .. far-1 end before some query's local range
     for first in range(0, far, CP):
         blk = first + offs_c  # (CP,)
         in_nb = blk < NB
         tile_ok = in_nb[:, None] & d_ok[None, :]
-        rows = (kv_base + blk)[:, None] * D + offs_d[None, :]
-        kmax = tl.load(KMAX + rows, mask=tile_ok, other=0.0)
-        kmin = tl.load(KMIN + rows, mask=tile_ok, other=0.0)
-        has = tl.load(HAS + b * NB + blk, mask=in_nb, other=0) != 0
-        bound = tl.dot(q_pos, tl.trans(kmax), input_precision=PREC)
-        bound += tl.dot(q_neg, tl.trans(kmin), input_precision=PREC)  # (BLOCK_Q, CP)
-        eligible = ((blk[None, :] + 1) * M <= start[:, None]) & has[None, :]
+        bound = tl.full([BLOCK_Q, CP], float("-inf"), tl.float32)
+        for part in range(0, PER):  # a block scores its best sub-block that holds a retrievable key
+            sub = blk * PER + part  # (CP,)
+            rows = (kv_base + sub)[:, None] * D + offs_d[None, :]
+            kmax = tl.load(KMAX + rows, mask=tile_ok, other=0.0)
+            kmin = tl.load(KMIN + rows, mask=tile_ok, other=0.0)
+            has = tl.load(SUB + b * NB * PER + sub, mask=in_nb, other=0) != 0
+            part_bound = tl.dot(q_pos, tl.trans(kmax), input_precision=PREC)
+            part_bound += tl.dot(q_neg, tl.trans(kmin), input_precision=PREC)  # (BLOCK_Q, CP)
+            bound = tl.maximum(bound, tl.where(has[None, :], part_bound, float("-inf")))
+        eligible = ((blk[None, :] + 1) * M <= start[:, None]) & (bound > float("-inf"))
         tile = _pack(tl.where(eligible, bound, float("-inf")), tl.where(eligible, blk[None, :], -1))
         if tl.max(tl.max((tile > tl.min(best, 1)[:, None]).to(tl.int32), 1), 0) > 0:  # it beats a kept block
             both = tl.sort(tl.reshape(tl.join(best, tile), [BLOCK_Q, 2 * CP]), descending=True)
@@ -173,7 +179,7 @@ def choose_far_blocks(
     key_ok: torch.Tensor,
     kmax: torch.Tensor,
     kmin: torch.Tensor,
-    has_keys: torch.Tensor,
+    sub_keys: torch.Tensor,
     m: int,
     n: int,
     window: bool,
@@ -184,13 +190,16 @@ def choose_far_blocks(
     """Each query's ``top`` far blocks: ``(B, HQ, L, top)`` int32 block numbers, best first, ``-1`` for none.
 
     qs: ``(B, HQ, L, D)`` and ks: ``(B, HKV, L, D)`` float32 in the selection frame; key_ok:
-    ``(B, L)`` bool; kmax, kmin: ``(B, HKV, NB, D)`` float32 per far block of ``m`` slots;
-    has_keys: ``(B, NB)`` bool; n, window: the local range (inner block, ``local="window"``);
-    candidates: how many blocks the bound proposes (``<= top``: the bound chooses alone, else the
-    exact ``max q . k`` picks ``top`` of them); precision: ``tl.dot``'s for the bound.
+    ``(B, L)`` bool; kmax, kmin: ``(B, HKV, NB * per, D)`` float32 per scored sub-block, ``per``
+    sub-blocks to a far block of ``m`` slots (``per = 1``: the block itself); sub_keys: ``(B, NB * per)``
+    bool, the sub-block holds a retrievable key (:class:`ctxext.attention.retrieve.FarBlockKeys`);
+    n, window: the local range (inner block, ``local="window"``); candidates: how many blocks the
+    bound proposes (``<= top``: the bound chooses alone, else the exact ``max q . k`` picks ``top``
+    of them); precision: ``tl.dot``'s for the bound.
     """
     b, hq, length, d = qs.shape
-    nb = kmax.shape[2]
+    nb = -(-ks.shape[2] // m)  # far blocks of m slots, the last one padded
+    per = kmax.shape[2] // nb  # scored sub-blocks per block
     qs, ks, kmax, kmin = (x.contiguous() for x in (qs, ks, kmax, kmin))
     proposed = min(max(candidates, top), nb)
     two_stage = proposed > top
@@ -200,8 +209,8 @@ def choose_far_blocks(
     block_q, stages = bound_tiles(block_d, width)
     index = torch.empty(b, hq, length, proposed, device=qs.device, dtype=torch.int32)
     choose_bound_kernel[(triton.cdiv(length, block_q), b * hq)](
-        qs, kmax, kmin, has_keys.contiguous().view(torch.uint8), index,
-        length, d, hq, hq // ks.shape[1], nb, m, n, proposed,
+        qs, kmax, kmin, sub_keys.contiguous().view(torch.uint8), index,
+        length, d, hq, hq // ks.shape[1], nb, per, m, n, proposed,
         WINDOW=window, PREC=precision, CP=width, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=1 if small else 4,
         num_stages=stages,
     )  # fmt: skip

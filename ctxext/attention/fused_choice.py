@@ -45,8 +45,6 @@ def unsupported_reason(opts: TensorizedOptions, dtype: torch.dtype, device: torc
         return f"the fused kernels run on CUDA or in Triton's interpreter (TRITON_INTERPRET=1), not on {device.type}"
     if dtype != torch.float32:
         return f"the fused choice scores in float32, got {dtype}"
-    if opts.retrieval_score_block != opts.retrieval_block:
-        return "retrieve_score_block below the block is scored by the PyTorch choice"
     if opts.retrieve_candidate_share:
         return "retrieve_candidate_share: the fused kernels take one candidate count for every query"
     if max(opts.retrieve, opts.retrieve_candidates) > MAX_CANDIDATES:
@@ -69,9 +67,9 @@ def choose(
 
     m = opts.retrieval_block
     with torch.no_grad():
-        keys = far_block_keys(ks, key_ok, m, m)
+        keys = far_block_keys(ks, key_ok, m, opts.retrieval_score_block)
         return ta_choose(
-            qs, ks, key_ok, keys.kmax, keys.kmin, keys.has_keys, m, n, opts.local == "window",
+            qs, ks, key_ok, keys.kmax, keys.kmin, keys.sub_keys, m, n, opts.local == "window",
             min(opts.retrieve, keys.has_keys.shape[1]), opts.retrieve_candidates, precision,
         )  # fmt: skip
 

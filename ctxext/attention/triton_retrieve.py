@@ -90,7 +90,7 @@ def ta_choose(
     key_ok: Tensor,
     kmax: Tensor,
     kmin: Tensor,
-    has_keys: Tensor,
+    sub_keys: Tensor,
     m: int,
     n: int,
     window: bool,
@@ -102,9 +102,9 @@ def ta_choose(
     :func:`ctxext._kernels.choose.choose_far_blocks` for the arguments."""
     from ctxext._kernels.choose import choose_far_blocks
 
-    return choose_far_blocks(qs, ks, key_ok, kmax, kmin, has_keys, m, n, window, top, candidates, precision)
+    return choose_far_blocks(qs, ks, key_ok, kmax, kmin, sub_keys, m, n, window, top, candidates, precision)
 
 
 @ta_choose.register_fake
-def _(qs, ks, key_ok, kmax, kmin, has_keys, m, n, window, top, candidates, precision):
+def _(qs, ks, key_ok, kmax, kmin, sub_keys, m, n, window, top, candidates, precision):
     return qs.new_empty((*qs.shape[:3], top), dtype=torch.int32)

@@ -27,8 +27,8 @@ DTYPES = {
 }
 
 # (dtype, head dim, block_sizes, N, causal, rope, merge, local[, more options]): realistic tiles,
-# every flag combination; the last three add sinks and retrieved far blocks (side streams), the last
-# with the two-stage choice (both fused choice kernels)
+# every flag combination; the last four add sinks and retrieved far blocks (side streams), the last two
+# with the two-stage choice (both fused choice kernels), the last scoring far blocks by sub-blocks of 16
 CONFIGS = [
     (torch.bfloat16, 128, (64,), 200, "complete", "axis", "score", "block"),
     (torch.float16, 64, (32, 16), 700, "dominance", "absolute", "lse", "block"),
@@ -42,6 +42,8 @@ CONFIGS = [
     (torch.float16, 128, (32,), 300, "complete", "absolute", "lse", "window", dict(sinks=4, retrieve=2, softcap=0)),
     (torch.bfloat16, 128, (128,), 1100, "complete", "axis", "lse", "window",
      dict(sinks=4, retrieve=8, retrieve_block=64, retrieve_candidates=32, long_range=False)),
+    (torch.bfloat16, 64, (128,), 1100, "complete", "axis", "lse", "window",
+     dict(sinks=4, retrieve=8, retrieve_block=64, retrieve_score_block=16, retrieve_candidates=32, long_range=False)),
 ]  # fmt: skip
 
 

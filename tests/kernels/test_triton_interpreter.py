@@ -380,6 +380,15 @@ CHOICE_CASES = {
     "more-choices-than-blocks": (20, (2, 1), 8, dict(block_sizes=(4,), retrieve=8, retrieve_block=2), [], 1),
     "many-tiles-of-blocks": (230, (2, 1), 8, dict(block_sizes=(4,), retrieve=3, retrieve_block=2, local="window"),
                              [100], 1),  # 115 far blocks: 8 tiles of 16, most of them beat no kept block
+    # retrieve_score_block: a block scores its best sub-block; holes empty a whole sub-block (10-11: with
+    # blocks of 4, block 2's second half) and part of one (30), so a block is scored by the sub-blocks that hold keys
+    "sub-blocks-bound-alone": (70, (4, 2), 8, dict(block_sizes=(8,), retrieve=3, retrieve_block=4,
+                                                  retrieve_score_block=2, local="window"), [10, 11, 30], 1),
+    "sub-blocks-two-stage-batch2": (77, (2, 1), 12, dict(block_sizes=(8,), retrieve=2, retrieve_block=8,
+                                                        retrieve_score_block=2, retrieve_candidates=5,
+                                                        local="window"), [10, 11, 30], 2),
+    "exact-score-two-stage": (61, (2, 2), 16, dict(block_sizes=(8,), retrieve=2, retrieve_block=4,
+                                                  retrieve_score_block=1, retrieve_candidates=4), [40], 1),
 }  # fmt: skip
 
 
@@ -445,8 +454,8 @@ def test_choose_custom_op_registration_passes_opcheck():
 
     q, k, _ = oc.make_qkv(batch=1, hq=2, hkv=1, n=40, dim=8, seed=37, dtype=torch.float32)
     key_ok = retrievable_keys(torch.ones(1, 40, dtype=torch.bool), 2)
-    keys = far_block_keys(k, key_ok, 4, 4)
-    args = (q, k, key_ok, keys.kmax, keys.kmin, keys.has_keys, 4, 8, True, 2, 5, "ieee")
+    keys = far_block_keys(k, key_ok, 4, 2)  # blocks of 4 scored by sub-blocks of 2
+    args = (q, k, key_ok, keys.kmax, keys.kmin, keys.sub_keys, 4, 8, True, 2, 5, "ieee")
     assert (ta_choose(*args) >= 0).any()
     torch.library.opcheck(ta_choose, args, test_utils=("test_schema", "test_faketensor"))
 

@@ -22,7 +22,6 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # a device object only: n
     ("change", "dtype", "reason"),
     [
         ({}, torch.float64, "scores in float32, got torch.float64"),
-        ({"retrieve_score_block": 4}, torch.float32, "retrieve_score_block below the block"),
         ({"retrieve_candidates": 65}, torch.float32, "more than 64 candidates"),
         ({"retrieve_candidate_share": 0.25}, torch.float32, "one candidate count for every query"),
     ],
@@ -31,6 +30,12 @@ def test_settings_the_fused_choice_does_not_serve_say_why(change, dtype, reason)
     opts = TensorizedOptions(**OPTS, **change).validate()
     assert reason in fused_choice.unsupported_reason(opts, dtype, CUDA)
     assert fused_choice.unsupported_reason(TensorizedOptions(**OPTS).validate(), torch.float32, CUDA) is None
+
+
+@pytest.mark.parametrize("change", [{"retrieve_score_block": 4}, {"retrieve_score_block": 1, "retrieve_candidates": 8}])
+def test_sub_block_scores_are_served_by_the_fused_choice(change):
+    opts = TensorizedOptions(**OPTS, **change).validate()
+    assert fused_choice.unsupported_reason(opts, torch.float32, CUDA) is None
 
 
 def test_on_the_cpu_only_the_interpreter_runs_it(monkeypatch):
