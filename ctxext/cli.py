@@ -125,7 +125,8 @@ def convert(
         int,
         typer.Option(
             help="Score a far block by its best sub-block of this many slots, a divisor of the retrieved block "
-            "(0: the whole block; 1: exact max q.k). Finer finds a needle among many far blocks, at a higher cost."
+            "(0: the whole block; 1: exact max q.k). 16 found 3 / 6 needles at 8k with the bound choosing alone, "
+            "against 0 / 6; proposing the 32 candidates at 32k, 0 / 6 either way (quality study, rounds 12 and 35)."
         ),
     ] = 0,
     retrieve_candidates: Annotated[
